@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything the pipeline and its tests need, idempotently, into a cache folder:
+#   - a Python venv with the pinned runtime and test dependencies, and this package (editable);
+#   - Nextflow 24.10.x resolved from Maven Central (scripts/install_nextflow.sh).
+# Prints the lines to source for PATH. Safe to run again: finished steps are skipped.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${UCE_NF_CACHE:-$HOME/.cache/uce-nf}
+venv=$cache/venv
+mkdir -p "$cache"
+
+stamp=$venv/.requirements.sha256
+want=$(cat "$here/envs/requirements.txt" "$here/envs/requirements-test.txt" | sha256sum | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] creating venv in $venv (pip cache keeps re-runs fast)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -r "$here/envs/requirements-test.txt"
+  echo "$want" > "$stamp"
+fi
+# The package itself: editable, so the working tree is what runs.
+if ! "$venv/bin/python" -c "import uce_nf, pathlib, sys; sys.exit(0 if pathlib.Path(uce_nf.__file__).resolve().is_relative_to(pathlib.Path('$here').resolve()) else 1)" 2>/dev/null; then
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
+fi
+
+bash "$here/scripts/install_nextflow.sh"
+echo "[setup] done: export PATH=$venv/bin:$cache/bin:\$PATH"

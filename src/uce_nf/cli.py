@@ -1,0 +1,258 @@
+"""`uce`: one click command per pipeline step, plus `uce run` that chains them in one process.
+
+Every step reads and writes files (docs/design.md), so each can run in its own Nextflow task.
+User errors print one line (what, where, how to fix) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import __version__
+from .io import UserError, save_npz, write_json
+
+log = logging.getLogger("uce_nf")
+CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
+PathIn = click.Path(exists=True, dir_okay=False, path_type=Path)
+PathOut = click.Path(dir_okay=False, path_type=Path)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except UserError as e:
+            click.echo(f"ERROR: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def model_file_options(fn):
+    for opt in reversed([
+        click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path), help="Folder in the official model_files layout."),
+        click.option("--model", default="4layer_model.torch", help="Checkpoint: a file name in --model-dir, or a path."),
+        click.option("--spec-chrom-csv", type=PathIn, help="Override species_chrom.csv."),
+        click.option("--offset-pkl", type=PathIn, help="Override species_offsets.pkl."),
+        click.option("--token-file", type=PathIn, help="Override all_tokens.torch."),
+        click.option("--protein-embeddings-dir", type=click.Path(file_okay=False, path_type=Path), help="Override protein_embeddings/."),
+        click.option("--nhead", type=int, default=None, help="Attention heads (default d_model/64)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _files(o):
+    from .model_files import ModelFiles
+    return ModelFiles(o["model_dir"], o["model"], o["spec_chrom_csv"], o["offset_pkl"], o["token_file"], o["protein_embeddings_dir"])
+
+
+@click.group(context_settings=CTX)
+@click.version_option(__version__, prog_name="uce")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose):
+    """Universal Cell Embeddings: faithful, seeded and fast. Steps of the uce-nf pipeline."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+@main.command("prepare-species", context_settings=CTX)
+@click.option("--species", required=True, help="Species name, a key of species_offsets.pkl (e.g. human).")
+@model_file_options
+@click.option("--output", type=PathOut, required=True, help="Species file to write (.species.pt).")
+@handle_errors
+def prepare_species_cmd(species, output, **o):
+    """Vocabulary and projected token table of one species for one checkpoint."""
+    from .species import prepare_species, save_species
+    save_species(prepare_species(_files(o), species, o["nhead"]), output)
+    log.info("wrote %s", output)
+
+
+def filter_options(fn):
+    for opt in reversed([
+        click.option("--filter/--no-filter", "filter_", default=True, help="Apply the reference's min_cells/min_genes filter."),
+        click.option("--min-cells", type=click.IntRange(0), default=10, help="Keep genes expressed in at least this many cells."),
+        click.option("--min-genes", type=click.IntRange(0), default=25, help="Then keep cells expressing at least this many genes."),
+        click.option("--gene-column", default=None, help="var column with gene symbols (auto: var_names, or feature_name/gene_symbols/gene_name for Ensembl ids)."),
+        click.option("--counts-layer", default=None, help="Where raw counts are: X, raw or a layer name (auto-detected if unset)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@main.command("preprocess", context_settings=CTX)
+@click.option("--input", "input_", type=PathIn, required=True, help="Input h5ad (read only).")
+@click.option("--species-file", type=PathIn, required=True, help="From `uce prepare-species`.")
+@filter_options
+@click.option("--output", type=PathOut, required=True, help="Processed h5ad to write.")
+@click.option("--stats", type=PathOut, required=True, help="JSON with cells/genes in, kept and dropped.")
+@handle_errors
+def preprocess_cmd(input_, species_file, filter_, min_cells, min_genes, gene_column, counts_layer, output, stats):
+    """Filter cells and genes as the reference does, on sparse chunks; keep genes with embeddings."""
+    from .preprocess import FilterSettings, preprocess, write_h5ad
+    from .species import load_species
+    sf = load_species(species_file)
+    adata, st = preprocess(input_, sf, FilterSettings(filter_, min_cells, min_genes), gene_column=gene_column,
+                           counts_layer=counts_layer)
+    st["species"] = sf["species"]
+    write_h5ad(adata, output)
+    write_json(stats, st)
+    log.info("kept %d of %d cells and %d of %d genes", st["cells_kept"], st["cells_in"], st["genes_kept"], st["genes_in"])
+
+
+@main.command("index", context_settings=CTX)
+@click.option("--adata", type=PathIn, required=True, help="Processed h5ad.")
+@click.option("--species-file", type=PathIn, required=True)
+@click.option("--output", type=PathOut, required=True, help="Index file (.index.npz).")
+@handle_errors
+def index_cmd(adata, species_file, output):
+    """Token id, chromosome code and start of every processed gene."""
+    import anndata as ad
+    from .species import load_species
+    from .tokens import index_genes, save_index
+    save_index(index_genes(ad.read_h5ad(adata, backed="r").var_names, load_species(species_file)), output)
+
+
+def sampling_options(fn):
+    for opt in reversed([
+        click.option("--seed", type=int, default=0, help="Random seed (the reference itself is unseeded)."),
+        click.option("--compat", type=click.Choice(["none", "reference"]), default="none",
+                     help="reference: reproduce uce-model bit for bit (seeded); none: context-free, batch-invariant."),
+        click.option("--batch-size", type=click.IntRange(0), default=25, help="Cells per forward batch (0: auto from GPU memory, default mode only)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@main.command("sentences", context_settings=CTX)
+@click.option("--adata", type=PathIn, required=True, help="Processed h5ad.")
+@click.option("--index", "index_path", type=PathIn, required=True, help="From `uce index`.")
+@sampling_options
+@click.option("--shard-size", type=click.IntRange(1), default=100_000, help="Cells per shard (one EMBED task each).")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Processes for the default sampler (default: all CPUs).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--name", required=True, help="Dataset name used in the shard file names.")
+@handle_errors
+def sentences_cmd(adata, index_path, seed, compat, batch_size, shard_size, workers, output_dir, name):
+    """Sample cell sentences into shard files."""
+    from .sentences import default_workers, write_sentences
+    from .tokens import load_index
+    paths = write_sentences(adata, load_index(index_path), output_dir, name, seed=seed, compat=compat == "reference",
+                            batch_size=batch_size, shard_size=shard_size, workers=workers or default_workers())
+    log.info("wrote %d shard(s) to %s", len(paths), output_dir)
+
+
+@main.command("embed", context_settings=CTX)
+@click.option("--sentences", "sentences_path", type=PathIn, required=True, help="One shard from `uce sentences`.")
+@click.option("--species-file", type=PathIn, required=True)
+@model_file_options
+@sampling_options
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", help="auto: bf16 on GPU, fp32 on CPU and in compat mode.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the model.")
+@click.option("--output", type=PathOut, required=True, help="Embeddings file (.embeddings.npz).")
+@handle_errors
+def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision, device, compile_, output, **o):
+    """Run the model over one shard."""
+    from .embed import EmbedSettings, Embedder
+    from .sentences import load_sentences
+    from .species import load_species
+    files = _files(o)
+    sf = load_species(species_file)
+    emb = Embedder(files.checkpoint(), sf, EmbedSettings(compat == "reference", batch_size, precision, device, compile_), o["nhead"])
+    s = load_sentences(sentences_path)
+    t0 = time.time()
+    out = emb.embed(s)
+    save_npz(output, embeddings=out, cell_index=s["cell_index"], precision=str(emb.dtype).replace("torch.", ""),
+             device=str(emb.device), seconds=time.time() - t0)
+
+
+@main.command("merge", context_settings=CTX)
+@click.option("--adata", type=PathIn, required=True, help="Processed h5ad.")
+@click.option("--embeddings", type=PathIn, multiple=True, required=True, help="Every shard's embeddings file.")
+@click.option("--stats", type=PathIn, required=True, help="Preprocess stats JSON.")
+@click.option("--species-file", type=PathIn, required=True)
+@sampling_options
+@click.option("--output", type=PathOut, required=True)
+@handle_errors
+def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, output):
+    """Write <name>_uce_adata.h5ad: processed AnnData + obsm['X_uce'] + uns['uce']."""
+    import json
+    from .output import gather_embeddings, write_output
+    from .species import load_species
+    shards = [dict(np.load(p)) for p in embeddings]
+    st = json.loads(Path(stats).read_text())
+    write_output(adata, gather_embeddings(st["cells_kept"], shards),
+                 provenance(load_species(species_file), st, seed, compat, batch_size, shards), output)
+
+
+def provenance(sf: dict, st: dict, seed, compat, batch_size, shards) -> dict:
+    return {"version": __version__, "species": sf["species"], "model_file": sf["model"]["file"],
+            "model_sha256": sf["model"]["sha256"], "nlayers": sf["model"]["config"]["nlayers"],
+            "compat": compat, "seed": seed, "batch_size": batch_size,
+            "precision": str(shards[0]["precision"]), "device": str(shards[0]["device"]),
+            "n_shards": len(shards), "embed_seconds": float(sum(float(s["seconds"]) for s in shards)),
+            "preprocess": st}
+
+
+@main.command("run", context_settings=CTX)
+@click.option("--input", "input_", type=PathIn, required=True, help="Input h5ad (read only).")
+@click.option("--species", default="human")
+@model_file_options
+@filter_options
+@sampling_options
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--workers", type=click.IntRange(1), default=None)
+@click.option("--output", type=PathOut, required=True, help="Result h5ad (<name>_uce_adata.h5ad).")
+@click.pass_context
+def run_cmd(ctx, input_, species, output, **o):
+    """All steps in one process, for users without Nextflow."""
+    with tempfile.TemporaryDirectory(prefix="uce-run-", dir=output.parent if output.parent.exists() else None) as d:
+        d = Path(d)
+        name = input_.name.removesuffix(".h5ad")
+        sf, proc, stats, idx = d / f"{species}.species.pt", d / f"{name}_proc.h5ad", d / f"{name}.preprocess.json", d / f"{name}.index.npz"
+        common = {k: o[k] for k in ("model_dir", "model", "spec_chrom_csv", "offset_pkl", "token_file", "protein_embeddings_dir", "nhead")}
+        samp = {k: o[k] for k in ("seed", "compat", "batch_size")}
+        ctx.invoke(prepare_species_cmd, species=species, output=sf, **common)
+        ctx.invoke(preprocess_cmd, input_=input_, species_file=sf, output=proc, stats=stats,
+                   **{k: o[k] for k in ("filter_", "min_cells", "min_genes", "gene_column", "counts_layer")})
+        ctx.invoke(index_cmd, adata=proc, species_file=sf, output=idx)
+        ctx.invoke(sentences_cmd, adata=proc, index_path=idx, shard_size=10**12, workers=o["workers"],
+                   output_dir=d, name=name, **samp)
+        shard = d / f"{name}.shard-00000.sentences.npz"
+        emb = d / f"{name}.shard-00000.embeddings.npz"
+        ctx.invoke(embed_cmd, sentences_path=shard, species_file=sf, precision=o["precision"], device=o["device"],
+                   compile_=False, output=emb, **common, **samp)
+        ctx.invoke(merge_cmd, adata=proc, embeddings=(emb,), stats=stats, species_file=sf, output=output, **samp)
+    log.info("wrote %s", output)
+
+
+def _register_optional():
+    """Commands that live in their own modules (demo data, downloads, validation, report)."""
+    import importlib
+    for module, attr, name in [("demo", "make_demo_command", "make-demo"),
+                               ("download", "download_model_files_command", "download-model-files"),
+                               ("validate", "validate_command", "validate"),
+                               ("report", "report_command", "report")]:
+        try:
+            cmd = getattr(importlib.import_module(f"uce_nf.{module}"), attr)
+        except ModuleNotFoundError as e:  # a module not written yet; a broken one still fails loudly
+            if e.name != f"uce_nf.{module}":
+                raise
+            continue
+        main.add_command(cmd, name)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Small I/O helpers shared by every step: atomic writes, errors users can act on, and
+chunked reads of (possibly huge) AnnData matrices straight from HDF5, without densifying."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it to `final` only if the block succeeds.
+    Readers never see a half-written file, and a crash leaves the old file (if any) intact."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def save_npz(path: str | os.PathLike, **arrays) -> None:
+    """np.savez, atomically (np.savez appends .npz to names without it, so keep the suffix)."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+class H5Matrix:
+    """Row-chunked reader for an AnnData matrix element (dense, CSR or CSC) in an open h5py file.
+    CSR and dense read only the requested rows; CSC has no cheap row access and is read whole once."""
+
+    def __init__(self, node: h5py.Group | h5py.Dataset):
+        self.node = node
+        if isinstance(node, h5py.Dataset):
+            self.kind = "dense"
+            self.shape = tuple(node.shape)
+        else:
+            enc = _attr(node, "encoding-type")
+            if enc not in ("csr_matrix", "csc_matrix"):
+                raise UserError(f"{node.file.filename}: matrix '{node.name}' has unsupported encoding '{enc}'; "
+                                "re-save the file with a recent anndata (sparse CSR or dense X)")
+            self.kind = enc[:3]
+            self.shape = tuple(int(s) for s in node.attrs["shape"])
+            self._whole = None
+
+    @property
+    def dtype(self):
+        return self.node.dtype if self.kind == "dense" else self.node["data"].dtype
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows [start, stop) as CSR (dtype of the file)."""
+        if self.kind == "dense":
+            return sp.csr_matrix(self.node[start:stop])
+        if self.kind == "csc":
+            if self._whole is None:
+                g = self.node
+                self._whole = sp.csc_matrix((g["data"][:], g["indices"][:], g["indptr"][:]), shape=self.shape).tocsr()
+            return self._whole[start:stop]
+        g = self.node
+        indptr = g["indptr"][start:stop + 1].astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        data = g["data"][lo:hi]
+        indices = g["indices"][lo:hi]
+        return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.shape[1]))
+
+    def iter_rows(self, chunk: int = 8192) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for start in range(0, self.shape[0], chunk):
+            yield start, self.rows(start, min(start + chunk, self.shape[0]))
+
+
+def _attr(node, key):
+    v = node.attrs.get(key)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def open_h5ad(path: str | os.PathLike) -> h5py.File:
+    """Open an h5ad read-only, turning 'not HDF5 / truncated' into a one-line user error."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found; check the path in the samplesheet")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"{path}: not a readable h5ad (HDF5) file ({str(e).splitlines()[0]}); "
+                        "re-export it with anndata's write_h5ad") from None
+    if "X" not in f and "raw" not in f and "layers" not in f:
+        f.close()
+        raise UserError(f"{path}: HDF5 file has no X, raw or layers: not an AnnData h5ad")
+    return f

@@ -1,0 +1,195 @@
+"""Preprocessing (uce-reference.md §4), on sparse row chunks, never densifying the matrix.
+
+Same semantics as the reference by default:
+1. genes expressed (count > 0) in >= min_cells cells are kept (over all cells);
+2. then cells with >= min_genes expressed genes among those are kept;
+3. then genes are cut to those with a protein embedding, matched case-insensitively, in var order,
+   duplicates kept.
+Unlike the reference, cells left with zero counts over the embedded genes are dropped and counted
+(the reference crashes on them with "probabilities contain NaN"); dropping them does not change any
+other cell (§15). Counts are found in X, raw or a layer; gene symbols in var_names or a var column.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .io import H5Matrix, UserError, atomic_path, open_h5ad
+
+try:  # anndata >= 0.11
+    from anndata.io import read_elem
+except ImportError:  # pragma: no cover
+    from anndata.experimental import read_elem
+
+log = logging.getLogger(__name__)
+ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "gene_names", "symbol")
+COUNT_LAYERS = ("counts", "raw_counts", "count", "umi_counts")
+
+
+@dataclass
+class FilterSettings:
+    filter: bool = True
+    min_cells: int = 10
+    min_genes: int = 25
+    min_matched_genes: int = 100
+
+
+def is_counts(m: sp.csr_matrix) -> bool:
+    d = m.data
+    return d.size == 0 or bool(np.all(d >= 0) and np.all(np.mod(d, 1) == 0))
+
+
+def find_counts(f, path: Path, counts_layer: str | None, sample_rows: int = 2000) -> tuple[str, str]:
+    """Return (matrix key, var key) of the raw counts: X, raw/X or layers/<name>; auto-detected when
+    counts_layer is None. Detection looks at the first rows; every row is checked later while streaming."""
+    def candidate(name):
+        if name == "X":
+            return ("X", "var") if "X" in f else None
+        if name == "raw":
+            return ("raw/X", "raw/var") if "raw" in f and "X" in f["raw"] else None
+        return (f"layers/{name}", "var") if "layers" in f and name in f["layers"] else None
+
+    layers = sorted(f["layers"].keys()) if "layers" in f else []
+    if counts_layer:
+        c = candidate(counts_layer)
+        if c is None:
+            raise UserError(f"{path}: counts_layer '{counts_layer}' not found; available: X"
+                            f"{', raw' if 'raw' in f else ''}{''.join(', ' + n for n in layers)}")
+        return c
+    tried = []
+    for name in ["X", "raw", *[n for n in COUNT_LAYERS if n in layers]]:
+        c = candidate(name)
+        if c is None:
+            continue
+        m = H5Matrix(f[c[0]])
+        if is_counts(m.rows(0, min(sample_rows, m.shape[0]))):
+            if name != "X":
+                log.warning("%s: X does not hold raw counts; using %s (set counts_layer to choose)", path, name)
+            return c
+        tried.append(name)
+    raise UserError(f"{path}: no raw counts found (checked {', '.join(tried) or 'X'}: values are negative or "
+                    "non-integer, e.g. normalised or log data); UCE needs raw counts: set counts_layer to the "
+                    "layer that holds them")
+
+
+def gene_symbols(var: pd.DataFrame, path: Path, gene_column: str | None) -> tuple[np.ndarray, str]:
+    """Gene symbols for each var row, and where they came from."""
+    if gene_column:
+        if gene_column not in var.columns:
+            raise UserError(f"{path}: gene_column '{gene_column}' is not a var column; available: "
+                            f"{', '.join(map(str, var.columns)) or '(none)'}")
+        return var[gene_column].astype(str).to_numpy(), gene_column
+    names = var.index.astype(str)
+    ensembl = np.mean([bool(ENSEMBL.match(n)) for n in names[:2000]]) if len(names) else 0.0
+    if ensembl < 0.5:
+        return names.to_numpy(), "var_names"
+    for col in SYMBOL_COLUMNS:
+        if col in var.columns:
+            log.warning("%s: var_names are Ensembl ids; using gene symbols from var['%s']", path, col)
+            return var[col].astype(str).to_numpy(), col
+    raise UserError(f"{path}: var_names are Ensembl ids and no gene symbol column was found (looked for "
+                    f"{', '.join(SYMBOL_COLUMNS)}); set gene_column to the var column holding gene symbols")
+
+
+def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, *, gene_column: str | None = None,
+               counts_layer: str | None = None, chunk: int = 8192) -> tuple[ad.AnnData, dict]:
+    """Return the processed AnnData (CSR counts, reference layout) and the stats of what was kept."""
+    t0 = time.time()
+    input_path = Path(input_path)
+    with open_h5ad(input_path) as f:
+        x_key, var_key = find_counts(f, input_path, counts_layer)
+        X = H5Matrix(f[x_key])
+        var = read_elem(f[var_key])
+        obs = read_elem(f["obs"])
+        symbols, symbol_source = gene_symbols(var, input_path, gene_column)
+        n_obs, n_var = X.shape
+        if n_obs == 0 or n_var == 0:
+            raise UserError(f"{input_path}: the matrix is empty ({n_obs} cells x {n_var} genes)")
+
+        # Pass 1: genes expressed per gene (and a full check that every value is a count).
+        n_cells = np.zeros(n_var, dtype=np.int64)
+        for start, m in X.iter_rows(chunk):
+            if not is_counts(m):
+                raise UserError(f"{input_path}: {x_key} has negative or non-integer values in cells "
+                                f"{start}-{start + m.shape[0] - 1}; UCE needs raw counts: set counts_layer")
+            n_cells += np.bincount(m.indices[m.data > 0], minlength=n_var)
+        gene_ok = n_cells >= settings.min_cells if settings.filter else np.ones(n_var, bool)
+
+        # Genes with embeddings (case-insensitive) that also have a chromosome position.
+        usable = set(s.lower() for s, ok in zip(species_file["symbols"], species_file["in_chrom_csv"].numpy()) if ok)
+        has_emb = np.array([s.lower() in usable for s in symbols], dtype=bool)
+        genes = np.flatnonzero(gene_ok & has_emb)
+        if len(genes) < settings.min_matched_genes:
+            raise UserError(f"{input_path}: only {int(has_emb.sum())} of {n_var} genes match {species_file['species']} "
+                            f"gene symbols ({len(genes)} after min_cells); check the species, or set gene_column "
+                            f"to the var column with symbols (need >= {settings.min_matched_genes})")
+
+        # Pass 2: cells with enough expressed genes (over all kept genes, as the reference), and cells
+        # with zero counts over the embedded genes (the reference would crash on them).
+        ok_cols = np.flatnonzero(gene_ok)
+        n_genes = np.zeros(n_obs, dtype=np.int64)
+        emb_total = np.zeros(n_obs, dtype=np.float64)
+        parts = []
+        for start, m in X.iter_rows(chunk):
+            expressed = m.copy()
+            expressed.data = (expressed.data > 0).astype(np.int64)
+            n_genes[start:start + m.shape[0]] = np.asarray(expressed[:, ok_cols].sum(axis=1)).ravel()
+            sub = m[:, genes]
+            # float32 -> int64 truncation is what the reference's sampler sees (§4.7)
+            emb_total[start:start + m.shape[0]] = np.asarray(sub.astype(np.float32).astype(np.int64).sum(axis=1)).ravel()
+            parts.append(sub)
+    cell_ok = n_genes >= settings.min_genes if settings.filter else np.ones(n_obs, bool)
+    zero = cell_ok & (emb_total == 0)
+    keep = cell_ok & ~zero
+    if not keep.any():
+        raise UserError(f"{input_path}: no cells left after filtering ({int((~cell_ok).sum())} below min_genes="
+                        f"{settings.min_genes}, {int(zero.sum())} with zero counts on embedded genes); lower "
+                        "min_genes/min_cells or disable the filter")
+    if zero.any():
+        log.warning("%s: dropping %d cells with zero counts over the embedded genes", input_path, int(zero.sum()))
+
+    Xp = sp.vstack(parts, format="csr")[keep]
+    Xp.sort_indices()
+    obs = obs.loc[keep].copy() if obs.index.is_unique else obs.iloc[np.flatnonzero(keep)].copy()
+    dup_obs = int(obs.index.duplicated().sum())
+    if dup_obs:
+        log.warning("%s: %d duplicated obs names made unique; originals kept in obs['original_obs_name']",
+                    input_path, dup_obs)
+        obs["original_obs_name"] = obs.index.astype(str)
+        obs.index = pd.Index(ad.utils.make_index_unique(pd.Index(obs.index.astype(str))))
+    var = var.iloc[genes].copy()
+    if settings.filter:
+        obs["n_genes"] = n_genes[keep]
+        var["n_cells"] = n_cells[genes]
+    if symbol_source != "var_names":
+        var["original_var_name"] = var.index.astype(str)
+    var.index = pd.Index(symbols[genes].astype(str))
+    adata = ad.AnnData(X=Xp, obs=obs, var=var)
+    stats = {
+        "input": input_path.name, "counts_source": x_key, "gene_symbols_from": symbol_source,
+        "cells_in": int(n_obs), "cells_kept": int(keep.sum()),
+        "cells_dropped_min_genes": int((~cell_ok).sum()), "cells_dropped_zero_counts": int(zero.sum()),
+        "genes_in": int(n_var), "genes_after_min_cells": int(gene_ok.sum()),
+        "genes_with_embedding": int(has_emb.sum()), "genes_kept": int(len(genes)),
+        "duplicate_obs_names": dup_obs, "duplicate_gene_symbols": int(var.index.duplicated().sum()),
+        "filter": settings.filter, "min_cells": settings.min_cells, "min_genes": settings.min_genes,
+        "seconds": round(time.time() - t0, 3),
+    }
+    return adata, stats
+
+
+def write_h5ad(adata: ad.AnnData, path: Path) -> None:
+    import warnings
+    with atomic_path(path, suffix=".h5ad") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicated symbols are kept on purpose (reference behaviour)
+        adata.write_h5ad(tmp)

@@ -1,0 +1,192 @@
+"""Cell sentences (uce-reference.md §6): weighted gene draws grouped by chromosome.
+
+A sentence is [CLS, (chrom token, genes of that chromosome by start, CHROM_CLOSE) * C], stored as
+uint32 token ids; sentences of a shard are concatenated with an offsets array (CSR style).
+
+Two samplers, both seeded:
+- `reference` (compat): the reference's exact float32/float64 arithmetic and its single legacy MT19937
+  stream, consumed in cell order (1024 draws by inverse CDF, then a shuffle of the chromosomes).
+  Equal to the reference seeded once with `np.random.seed(seed)`. Sequential by nature.
+- `none` (default): every cell draws from its own stream keyed by (seed, obs name), so its sentence
+  does not depend on any other cell, on order or on sharding. Cells run in parallel processes.
+Only the non-zero genes of a cell enter the CDF; this is exact, since zero-weight genes can never be
+drawn (§10.4). No dense cells x genes array exists: one dense row at a time in compat mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .io import H5Matrix, open_h5ad, save_npz
+from .model_files import CHROM_CLOSE, CLS
+
+log = logging.getLogger(__name__)
+SAMPLE_SIZE = 1024
+PAD_LENGTH = 1536
+
+
+def reference_weights(cols: np.ndarray, counts: np.ndarray, n_genes: int) -> np.ndarray:
+    """The reference's sampling probabilities of the non-zero genes, bit for bit (§6.2-3):
+    torch float32 log1p and sum over the dense row, then numpy-1.26's `w / sum(w)`, whose builtin
+    sum accumulates sequentially in float64 and is rounded to float32 for the division."""
+    row = torch.zeros((1, n_genes), dtype=torch.int64)
+    row[0, torch.from_numpy(cols)] = torch.from_numpy(counts)
+    w = torch.log1p(row)
+    w = (w / torch.sum(w))[0].numpy()[cols]
+    s = np.cumsum(w, dtype=np.float64)[-1]
+    return w / np.float32(s)
+
+
+def _assemble(genes_sorted: np.ndarray, chrom_order: np.ndarray, gene_chrom: np.ndarray,
+              index: dict) -> np.ndarray:
+    """Write the sentence: CLS, then per chromosome (in chrom_order) its token, its genes, CLOSE."""
+    out = np.empty(1 + len(genes_sorted) + 2 * len(chrom_order), dtype=np.uint32)
+    out[0] = CLS
+    tok = index["token_id"][genes_sorted]
+    offset = int(index["chrom_token_offset"])
+    i = 1
+    for c in chrom_order:
+        sel = tok[gene_chrom == c]
+        out[i] = offset + int(c)
+        out[i + 1:i + 1 + len(sel)] = sel
+        i += 1 + len(sel)
+        out[i] = CHROM_CLOSE
+        i += 1
+    return out
+
+
+def reference_sentence(rs: np.random.RandomState, cols: np.ndarray, counts: np.ndarray, index: dict,
+                       sample_size: int = SAMPLE_SIZE) -> np.ndarray:
+    """One cell, consuming `rs` exactly as the reference consumes numpy's global stream."""
+    p = reference_weights(cols, counts, len(index["chrom"])).astype(np.float64)
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    choice = cols[np.searchsorted(cdf, rs.random_sample(sample_size), side="right")]
+    chrom, start = index["chrom"], index["start"]
+    choice = choice[np.argsort(chrom[choice])]  # quicksort on pandas' code dtype, as the reference
+    new_chrom = chrom[choice]
+    chosen_starts = start[choice]
+    uq = np.unique(new_chrom)
+    rs.shuffle(uq)
+    parts = [choice[loc[np.argsort(chosen_starts[loc])]] for loc in (np.flatnonzero(new_chrom == c) for c in uq)]
+    return _assemble(np.concatenate(parts), uq, chrom[np.concatenate(parts)], index)
+
+
+def cell_rng(seed: int, obs_name: str) -> np.random.Generator:
+    """A stream that belongs to one cell: keyed by the seed and the cell's name, nothing else."""
+    digest = hashlib.blake2b(str(obs_name).encode(), digest_size=16).digest()
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, *np.frombuffer(digest, np.uint32)])))
+
+
+def context_free_sentence(rng: np.random.Generator, cols: np.ndarray, counts: np.ndarray, index: dict,
+                          sample_size: int = SAMPLE_SIZE) -> np.ndarray:
+    """One cell from its own stream: log1p weights in float64, chromosomes in random order, genes by
+    (start, token) with a stable sort so ties never depend on the platform's sort."""
+    cdf = np.cumsum(np.log1p(counts.astype(np.float64)))
+    choice = cols[np.searchsorted(cdf, rng.random(sample_size) * cdf[-1], side="right")]
+    chrom = index["chrom"][choice].astype(np.int64)
+    uq = np.unique(chrom)
+    order = rng.permutation(uq)
+    rank = np.empty(int(uq.max()) + 1, dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    genes = choice[np.lexsort((index["token_id"][choice], index["start"][choice], rank[chrom]))]
+    return _assemble(genes, order, index["chrom"][genes].astype(np.int64), index)
+
+
+def _truncated_counts(m: sp.csr_matrix) -> sp.csr_matrix:
+    """The reference sees counts as float32 cast to int64 (§4.7); zeros that appear are dropped."""
+    m = m.copy()
+    m.data = m.data.astype(np.float32).astype(np.int64)
+    m.eliminate_zeros()
+    return m
+
+
+def _context_free_chunk(args) -> list[np.ndarray]:
+    m, names, index, seed, sample_size = args
+    return [context_free_sentence(cell_rng(seed, n), m.indices[m.indptr[i]:m.indptr[i + 1]],
+                                  m.data[m.indptr[i]:m.indptr[i + 1]], index, sample_size)
+            for i, n in enumerate(names)]
+
+
+def shard_bounds(n_cells: int, shard_size: int, batch_size: int, compat: bool) -> list[tuple[int, int]]:
+    """Cell ranges of the shards. In compat mode they fall on multiples of batch_size so every forward
+    batch of a sharded run is a batch of the unsharded run."""
+    if compat:
+        shard_size = max(batch_size, (shard_size // batch_size) * batch_size)
+    return [(s, min(s + shard_size, n_cells)) for s in range(0, n_cells, shard_size)]
+
+
+def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, seed: int = 0,
+                    compat: bool = False, batch_size: int = 25, shard_size: int = 100_000,
+                    workers: int = 1, sample_size: int = SAMPLE_SIZE, pad_length: int = PAD_LENGTH,
+                    chunk: int = 4096) -> list[Path]:
+    """Stream the processed counts in row chunks and write one sentences file per shard."""
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    rs = np.random.RandomState(seed) if compat else None
+    paths = []
+    with open_h5ad(adata_path) as f:
+        X = H5Matrix(f["X"])
+        names = _obs_names(f)
+        bounds = shard_bounds(X.shape[0], shard_size, batch_size, compat)
+        pool = ProcessPoolExecutor(workers) if (workers > 1 and not compat) else None
+        try:
+            for k, (lo, hi) in enumerate(bounds):
+                sentences = []
+                for start in range(lo, hi, chunk):
+                    m = _truncated_counts(X.rows(start, min(start + chunk, hi)))
+                    if compat:
+                        sentences += [reference_sentence(rs, m.indices[m.indptr[i]:m.indptr[i + 1]],
+                                                         m.data[m.indptr[i]:m.indptr[i + 1]], index, sample_size)
+                                      for i in range(m.shape[0])]
+                    else:
+                        sentences += _map_context_free(pool, m, names[start:start + m.shape[0]], index, seed,
+                                                       sample_size, workers)
+                too_long = [len(s) for s in sentences if len(s) > pad_length]
+                if too_long:
+                    raise ValueError(f"a sentence has {max(too_long)} tokens > pad_length {pad_length}: the cell "
+                                     "spans too many chromosomes/scaffolds")
+                lengths = np.array([len(s) for s in sentences], dtype=np.int64)
+                path = out_dir / f"{name}.shard-{k:05d}.sentences.npz"
+                save_npz(path, tokens=np.concatenate(sentences), offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                         cell_index=np.arange(lo, hi, dtype=np.int64))
+                paths.append(path)
+                log.info("shard %d/%d: cells %d-%d written (%.0f cells/s)", k + 1, len(bounds), lo, hi - 1,
+                         hi / max(time.time() - t0, 1e-9))
+        finally:
+            if pool:
+                pool.shutdown()
+    return paths
+
+
+def _map_context_free(pool, m, names, index, seed, sample_size, workers):
+    if pool is None:
+        return _context_free_chunk((m, names, index, seed, sample_size))
+    step = -(-m.shape[0] // (workers * 4))
+    jobs = [(m[i:i + step], names[i:i + step], index, seed, sample_size) for i in range(0, m.shape[0], step)]
+    return [s for part in pool.map(_context_free_chunk, jobs) for s in part]
+
+
+def _obs_names(f) -> np.ndarray:
+    obs = f["obs"]
+    key = obs.attrs.get("_index", "_index")
+    key = key.decode() if isinstance(key, bytes) else key
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in obs[key][:]], dtype=object)
+
+
+def load_sentences(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
