@@ -97,13 +97,12 @@ def filter_options(fn):
 @handle_errors
 def preprocess_cmd(input_, species_file, filter_, min_cells, min_genes, gene_column, counts_layer, output, stats):
     """Filter cells and genes as the reference does, on sparse chunks; keep genes with embeddings."""
-    from .preprocess import FilterSettings, preprocess, write_h5ad
+    from .preprocess import FilterSettings, preprocess
     from .species import load_species
     sf = load_species(species_file)
-    adata, st = preprocess(input_, sf, FilterSettings(filter_, min_cells, min_genes), gene_column=gene_column,
-                           counts_layer=counts_layer)
+    st = preprocess(input_, sf, FilterSettings(filter_, min_cells, min_genes), output, gene_column=gene_column,
+                    counts_layer=counts_layer)
     st["species"] = sf["species"]
-    write_h5ad(adata, output)
     write_json(stats, st)
     log.info("kept %d of %d cells and %d of %d genes", st["cells_kept"], st["cells_in"], st["genes_kept"], st["genes_in"])
 

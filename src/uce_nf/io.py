@@ -119,3 +119,29 @@ def open_h5ad(path: str | os.PathLike) -> h5py.File:
         f.close()
         raise UserError(f"{path}: HDF5 file has no X, raw or layers: not an AnnData h5ad")
     return f
+
+
+class CSRWriter:
+    """Appends CSR row blocks to an AnnData-encoded sparse matrix in an h5py group, so a processed
+    matrix of any size is written without ever being held in memory."""
+
+    def __init__(self, parent: h5py.Group, key: str, n_cols: int, dtype, index_dtype=np.int64):
+        self.g = parent.create_group(key)
+        self.g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
+        self.n_cols, self.n_rows, self.nnz = n_cols, 0, 0
+        self.data = self.g.create_dataset("data", (0,), dtype=dtype, maxshape=(None,), chunks=(1 << 16,))
+        self.indices = self.g.create_dataset("indices", (0,), dtype=index_dtype, maxshape=(None,), chunks=(1 << 16,))
+        self.indptr = [np.zeros(1, dtype=np.int64)]
+
+    def append(self, m: sp.csr_matrix) -> None:
+        n = m.nnz
+        for ds, values in ((self.data, m.data), (self.indices, m.indices)):
+            ds.resize((self.nnz + n,))
+            ds[self.nnz:] = values
+        self.indptr.append(m.indptr[1:].astype(np.int64) + self.nnz)
+        self.nnz += n
+        self.n_rows += m.shape[0]
+
+    def close(self) -> None:
+        self.g.create_dataset("indptr", data=np.concatenate(self.indptr))
+        self.g.attrs["shape"] = (self.n_rows, self.n_cols)

@@ -15,20 +15,21 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-from .io import H5Matrix, UserError, atomic_path, open_h5ad
+from .io import CSRWriter, H5Matrix, UserError, atomic_path, open_h5ad
 
 try:  # anndata >= 0.11
-    from anndata.io import read_elem
+    from anndata.io import read_elem, write_elem
 except ImportError:  # pragma: no cover
-    from anndata.experimental import read_elem
+    from anndata.experimental import read_elem, write_elem
 
 log = logging.getLogger(__name__)
 ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
@@ -44,7 +45,7 @@ class FilterSettings:
     min_matched_genes: int = 100
 
 
-def is_counts(m: sp.csr_matrix) -> bool:
+def is_counts(m) -> bool:
     d = m.data
     return d.size == 0 or bool(np.all(d >= 0) and np.all(np.mod(d, 1) == 0))
 
@@ -101,22 +102,22 @@ def gene_symbols(var: pd.DataFrame, path: Path, gene_column: str | None) -> tupl
                     f"{', '.join(SYMBOL_COLUMNS)}); set gene_column to the var column holding gene symbols")
 
 
-def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, *, gene_column: str | None = None,
-               counts_layer: str | None = None, chunk: int = 8192) -> tuple[ad.AnnData, dict]:
-    """Return the processed AnnData (CSR counts, reference layout) and the stats of what was kept."""
+def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, output: Path, *,
+               gene_column: str | None = None, counts_layer: str | None = None, chunk: int = 8192) -> dict:
+    """Write the processed AnnData (CSR counts, reference layout) to `output`; return what was kept.
+    Two streaming passes over the rows: gene counts, then cell filters + writing the kept rows."""
     t0 = time.time()
     input_path = Path(input_path)
     with open_h5ad(input_path) as f:
         x_key, var_key = find_counts(f, input_path, counts_layer)
         X = H5Matrix(f[x_key])
         var = read_elem(f[var_key])
-        obs = read_elem(f["obs"])
         symbols, symbol_source = gene_symbols(var, input_path, gene_column)
         n_obs, n_var = X.shape
         if n_obs == 0 or n_var == 0:
             raise UserError(f"{input_path}: the matrix is empty ({n_obs} cells x {n_var} genes)")
 
-        # Pass 1: genes expressed per gene (and a full check that every value is a count).
+        # Pass 1: cells expressing each gene (and a full check that every value is a count).
         n_cells = np.zeros(n_var, dtype=np.int64)
         for start, m in X.iter_rows(chunk):
             if not is_counts(m):
@@ -126,7 +127,7 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, *
         gene_ok = n_cells >= settings.min_cells if settings.filter else np.ones(n_var, bool)
 
         # Genes with embeddings (case-insensitive) that also have a chromosome position.
-        usable = set(s.lower() for s, ok in zip(species_file["symbols"], species_file["in_chrom_csv"].numpy()) if ok)
+        usable = {s.lower() for s, ok in zip(species_file["symbols"], species_file["in_chrom_csv"].numpy()) if ok}
         has_emb = np.array([s.lower() in usable for s in symbols], dtype=bool)
         genes = np.flatnonzero(gene_ok & has_emb)
         if len(genes) < settings.min_matched_genes:
@@ -134,62 +135,62 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, *
                             f"gene symbols ({len(genes)} after min_cells); check the species, or set gene_column "
                             f"to the var column with symbols (need >= {settings.min_matched_genes})")
 
-        # Pass 2: cells with enough expressed genes (over all kept genes, as the reference), and cells
-        # with zero counts over the embedded genes (the reference would crash on them).
-        ok_cols = np.flatnonzero(gene_ok)
+        # Pass 2: cells with enough expressed genes (over all kept genes, as the reference), minus cells
+        # with zero counts over the embedded genes (the reference would crash on them); kept rows are
+        # written as they come.
+        gene_ok_idx = np.flatnonzero(gene_ok)
         n_genes = np.zeros(n_obs, dtype=np.int64)
-        emb_total = np.zeros(n_obs, dtype=np.float64)
-        parts = []
-        for start, m in X.iter_rows(chunk):
-            expressed = m.copy()
-            expressed.data = (expressed.data > 0).astype(np.int64)
-            n_genes[start:start + m.shape[0]] = np.asarray(expressed[:, ok_cols].sum(axis=1)).ravel()
-            sub = m[:, genes]
-            # float32 -> int64 truncation is what the reference's sampler sees (§4.7)
-            emb_total[start:start + m.shape[0]] = np.asarray(sub.astype(np.float32).astype(np.int64).sum(axis=1)).ravel()
-            parts.append(sub)
-    cell_ok = n_genes >= settings.min_genes if settings.filter else np.ones(n_obs, bool)
-    zero = cell_ok & (emb_total == 0)
-    keep = cell_ok & ~zero
-    if not keep.any():
-        raise UserError(f"{input_path}: no cells left after filtering ({int((~cell_ok).sum())} below min_genes="
-                        f"{settings.min_genes}, {int(zero.sum())} with zero counts on embedded genes); lower "
-                        "min_genes/min_cells or disable the filter")
+        keep = np.zeros(n_obs, dtype=bool)
+        zero = np.zeros(n_obs, dtype=bool)
+        with atomic_path(output, suffix=".h5ad") as tmp, h5py.File(tmp, "w") as out:
+            out.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            writer = CSRWriter(out, "X", len(genes), X.dtype)
+            for start, m in X.iter_rows(chunk):
+                rows = slice(start, start + m.shape[0])
+                n_genes[rows] = np.diff((m[:, gene_ok_idx] > 0).tocsr().indptr)
+                sub = m[:, genes]
+                # float32 -> int64 truncation is what the reference's sampler sees (§4.7)
+                total = np.asarray(sub.astype(np.float32).astype(np.int64).sum(axis=1)).ravel()
+                ok = n_genes[rows] >= settings.min_genes if settings.filter else np.ones(m.shape[0], bool)
+                zero[rows] = ok & (total == 0)
+                keep[rows] = ok & (total > 0)
+                kept = sub[np.flatnonzero(keep[rows])]
+                kept.sort_indices()
+                writer.append(kept)
+            writer.close()
+            if not keep.any():
+                raise UserError(f"{input_path}: no cells left after filtering ({int((~keep & ~zero).sum())} below "
+                                f"min_genes={settings.min_genes}, {int(zero.sum())} with zero counts on embedded "
+                                "genes); lower min_genes/min_cells or disable the filter")
+            obs = read_elem(f["obs"]).iloc[np.flatnonzero(keep)].copy()
+            dup_obs = int(obs.index.duplicated().sum())
+            if dup_obs:
+                log.warning("%s: %d duplicated obs names made unique; originals kept in obs['original_obs_name']",
+                            input_path, dup_obs)
+                obs["original_obs_name"] = obs.index.astype(str)
+                obs.index = pd.Index(ad.utils.make_index_unique(pd.Index(obs.index.astype(str))))
+            var = var.iloc[genes].copy()
+            if settings.filter:
+                obs["n_genes"] = n_genes[keep]
+                var["n_cells"] = n_cells[genes]
+            if symbol_source != "var_names":
+                var["original_var_name"] = var.index.astype(str)
+            var.index = pd.Index(symbols[genes].astype(str))
+            obsm = {k: v[keep] for k, v in read_elem(f["obsm"]).items()} if "obsm" in f else {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # duplicated symbols are kept on purpose (reference behaviour)
+                for key, value in (("obs", obs), ("var", var), ("obsm", obsm), ("uns", {}), ("layers", {}),
+                                   ("varm", {}), ("obsp", {}), ("varp", {})):
+                    write_elem(out, key, value)
     if zero.any():
-        log.warning("%s: dropping %d cells with zero counts over the embedded genes", input_path, int(zero.sum()))
-
-    Xp = sp.vstack(parts, format="csr")[keep]
-    Xp.sort_indices()
-    obs = obs.loc[keep].copy() if obs.index.is_unique else obs.iloc[np.flatnonzero(keep)].copy()
-    dup_obs = int(obs.index.duplicated().sum())
-    if dup_obs:
-        log.warning("%s: %d duplicated obs names made unique; originals kept in obs['original_obs_name']",
-                    input_path, dup_obs)
-        obs["original_obs_name"] = obs.index.astype(str)
-        obs.index = pd.Index(ad.utils.make_index_unique(pd.Index(obs.index.astype(str))))
-    var = var.iloc[genes].copy()
-    if settings.filter:
-        obs["n_genes"] = n_genes[keep]
-        var["n_cells"] = n_cells[genes]
-    if symbol_source != "var_names":
-        var["original_var_name"] = var.index.astype(str)
-    var.index = pd.Index(symbols[genes].astype(str))
-    adata = ad.AnnData(X=Xp, obs=obs, var=var)
-    stats = {
+        log.warning("%s: dropped %d cells with zero counts over the embedded genes", input_path, int(zero.sum()))
+    return {
         "input": input_path.name, "counts_source": x_key, "gene_symbols_from": symbol_source,
         "cells_in": int(n_obs), "cells_kept": int(keep.sum()),
-        "cells_dropped_min_genes": int((~cell_ok).sum()), "cells_dropped_zero_counts": int(zero.sum()),
+        "cells_dropped_min_genes": int(n_obs - keep.sum() - zero.sum()), "cells_dropped_zero_counts": int(zero.sum()),
         "genes_in": int(n_var), "genes_after_min_cells": int(gene_ok.sum()),
         "genes_with_embedding": int(has_emb.sum()), "genes_kept": int(len(genes)),
         "duplicate_obs_names": dup_obs, "duplicate_gene_symbols": int(var.index.duplicated().sum()),
         "filter": settings.filter, "min_cells": settings.min_cells, "min_genes": settings.min_genes,
         "seconds": round(time.time() - t0, 3),
     }
-    return adata, stats
-
-
-def write_h5ad(adata: ad.AnnData, path: Path) -> None:
-    import warnings
-    with atomic_path(path, suffix=".h5ad") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # duplicated symbols are kept on purpose (reference behaviour)
-        adata.write_h5ad(tmp)

@@ -1,0 +1,86 @@
+"""Cheap checks of one dataset and the model files, run before any heavy task.
+
+Everything here reads metadata or a few rows only: the h5ad opens, raw counts are found, gene
+symbols are found and match the species, the species exists in the model files, and the checkpoint
+fits the token file. Each problem is one line: what, where, how to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from .io import H5Matrix, UserError, open_h5ad, write_json
+from .model_files import ModelConfig, ModelFiles, species_vocabulary
+
+try:
+    from anndata.io import read_elem
+except ImportError:  # pragma: no cover
+    from anndata.experimental import read_elem
+
+log = logging.getLogger(__name__)
+
+
+def validate_model_files(files: ModelFiles, species: str, nhead: int | None = None) -> dict:
+    files.check()
+    offsets = files.species_offsets()
+    if species not in offsets:
+        raise UserError(f"species '{species}' is not in {files.paths['offset_pkl']}; supported: {', '.join(sorted(offsets))}")
+    sd = files.checkpoint()
+    cfg = ModelConfig.from_state_dict(sd, nhead)
+    rows = files.token_table_rows()
+    from .model_files import _load  # shape only, memory-mapped
+    width = int(_load(files.paths["token_file"]).shape[1])
+    if width != cfg.token_dim:
+        raise UserError(f"{files.paths['token_file']}: token width {width} does not match the checkpoint's token_dim "
+                        f"{cfg.token_dim} ({files.paths['model'].name}); use the token file of this model")
+    return {"model": files.paths["model"].name, "config": cfg.__dict__, "token_rows": rows}
+
+
+def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | None, counts_layer: str | None,
+                     min_matched_genes: int = 100) -> dict:
+    from .preprocess import find_counts, gene_symbols
+    with open_h5ad(path) as f:
+        x_key, var_key = find_counts(f, path, counts_layer)
+        shape = H5Matrix(f[x_key]).shape
+        symbols, source = gene_symbols(read_elem(f[var_key]), path, gene_column)
+    vocab = {s.lower() for s in species_symbols}
+    matched = sum(str(s).lower() in vocab for s in symbols)
+    if matched < min_matched_genes:
+        raise UserError(f"{path}: only {matched} of {len(symbols)} genes match the species' gene symbols "
+                        f"(need >= {min_matched_genes}); check the species column, or set gene_column to the var "
+                        "column that holds gene symbols")
+    return {"cells": shape[0], "genes": shape[1], "genes_matched": matched, "counts_source": x_key,
+            "gene_symbols_from": source}
+
+
+@click.command("validate", context_settings={"show_default": True})
+@click.option("--input", "input_", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Dataset h5ad.")
+@click.option("--species", required=True)
+@click.option("--gene-column", default=None)
+@click.option("--counts-layer", default=None)
+@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", default="4layer_model.torch")
+@click.option("--spec-chrom-csv", type=click.Path(path_type=Path))
+@click.option("--offset-pkl", type=click.Path(path_type=Path))
+@click.option("--token-file", type=click.Path(path_type=Path))
+@click.option("--protein-embeddings-dir", type=click.Path(path_type=Path))
+@click.option("--min-matched-genes", type=click.IntRange(1), default=100)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSON summary.")
+def validate_command(input_, species, gene_column, counts_layer, model_dir, model, spec_chrom_csv, offset_pkl,
+                     token_file, protein_embeddings_dir, min_matched_genes, output):
+    """Check one dataset and the model files in seconds, before any heavy work."""
+    import sys
+    try:
+        files = ModelFiles(model_dir, model, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir)
+        summary = {"model_files": validate_model_files(files, species)}
+        summary["dataset"] = validate_dataset(input_, species_vocabulary(files, species), gene_column, counts_layer,
+                                              min_matched_genes)
+    except UserError as e:
+        click.echo(f"ERROR: {e}", err=True)
+        sys.exit(2)
+    write_json(output, summary)
+    log.info("%s: %d cells, %d genes, %d match %s", input_, summary["dataset"]["cells"], summary["dataset"]["genes"],
+             summary["dataset"]["genes_matched"], species)
