@@ -1,0 +1,79 @@
+// Checks the whole samplesheet against the model files before any heavy task runs: species
+// known to species_offsets.pkl and species_chrom.csv, protein embeddings present, every
+// h5ad readable with usable gene names and counts. Every other process waits for it.
+process VALIDATE {
+    tag "${meta.id}"
+    label 'process_single'
+    // container: process.container (nextflow.config), from params.container_registry/container_image
+
+    input:
+    // samples: one meta map per samplesheet row; h5ads: their files in the same order. Each
+    // file gets its own folder (inputs/1/, inputs/2/, ...), so equal base names never clash.
+    tuple val(meta), val(samples), path(h5ads, stageAs: 'inputs/?/*')
+    tuple path(model_dir, stageAs: 'model_files'), path(checkpoint, stageAs: 'checkpoint/*'), path(spec_chrom_csv, stageAs: 'overrides/chrom/*'), path(offset_pkl, stageAs: 'overrides/offsets/*'), path(token_file, stageAs: 'overrides/tokens/*'), path(protein_embeddings_dir, stageAs: 'overrides/protein/*')
+
+    output:
+    tuple val(meta), path('validated.json')        , emit: json
+    tuple val(meta), path('samplesheet.valid.csv') , emit: samplesheet
+    path 'versions.yml'                            , emit: versions
+
+    script:
+    def args      = task.ext.args ?: ''
+    def files     = h5ads instanceof List ? h5ads : [h5ads]
+    def optional  = ['gene_column', 'counts_layer'].findAll { c -> samples.any { m -> m[c] } }
+    def header    = (['sample', 'h5ad', 'species'] + optional).join(',')
+    // Staged paths are relative to the task dir, which is where the samplesheet is written:
+    // relative h5ad paths resolve against the samplesheet's folder (same rule as the pipeline).
+    def rows      = [samples, files].transpose().collect { m, f ->
+        ([m.id, f.toString(), m.species] + optional.collect { c -> m[c] ?: '' }).collect { v -> csvField(v) }.join(',')
+    }
+    def overrides = modelOverrides(spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir)
+    """
+    cat <<'END_SAMPLESHEET' > samplesheet.valid.csv
+    ${header}
+    ${rows.join('\n    ')}
+    END_SAMPLESHEET
+
+    uce-validate \\
+        --input samplesheet.valid.csv \\
+        --model-dir model_files \\
+        --model ${checkpoint} \\
+        ${overrides} \\
+        ${args} \\
+        --output validated.json
+
+    cat <<-END_VERSIONS > versions.yml
+    "${task.process}":
+        uce-nf: \$(python3 -c 'import uce_nf; print(uce_nf.__version__)')
+        python: \$(python3 --version | sed 's/Python //')
+    END_VERSIONS
+    """
+
+    stub:
+    """
+    printf 'sample,h5ad,species\\n' > samplesheet.valid.csv
+    echo '{"stub": true}' > validated.json
+
+    cat <<-END_VERSIONS > versions.yml
+    "${task.process}":
+        uce-nf: \$(python3 -c 'import uce_nf; print(uce_nf.__version__)' 2>/dev/null || echo stub)
+        python: \$(python3 --version | sed 's/Python //')
+    END_VERSIONS
+    """
+}
+
+// Quotes a CSV field when it needs it (RFC 4180).
+def csvField(v) {
+    def s = v == null ? '' : v.toString()
+    return (s.contains(',') || s.contains('"')) ? '"' + s.replace('"', '""') + '"' : s
+}
+
+// Command-line flags for the model-file overrides that were given (empty inputs are []).
+def modelOverrides(spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir) {
+    return [
+        spec_chrom_csv         ? "--spec-chrom-csv ${spec_chrom_csv}"                 : '',
+        offset_pkl             ? "--offset-pkl ${offset_pkl}"                         : '',
+        token_file             ? "--token-file ${token_file}"                         : '',
+        protein_embeddings_dir ? "--protein-embeddings-dir ${protein_embeddings_dir}" : '',
+    ].findAll { f -> f }.join(' ')
+}

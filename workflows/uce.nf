@@ -1,0 +1,162 @@
+/*
+========================================================================================
+    UCE: samplesheet -> one embedded AnnData per dataset + one report
+========================================================================================
+    Channel graph (docs/design.md):
+
+      samplesheet -> VALIDATE (once, cheap; every other task waits for it)
+      (species, model) -> PREPARE_SPECIES (once per species, shared by its datasets)
+      dataset -> PREPROCESS -> INDEX -> SENTENCES -> shard files
+              -> EMBED (one task per shard) -> MERGE (per dataset) -> REPORT (all)
+
+    Only deterministic values reach the processes (no timestamps, no arrival order), so
+    -resume reuses every finished task.
+----------------------------------------------------------------------------------------
+*/
+
+include { DOWNLOAD_MODEL_FILES   } from '../modules/local/download_model_files'
+include { VALIDATE               } from '../modules/local/validate'
+include { PREPARE_SPECIES        } from '../modules/local/prepare_species'
+include { PREPROCESS             } from '../modules/local/preprocess'
+include { INDEX                  } from '../modules/local/index'
+include { SENTENCES              } from '../modules/local/sentences'
+include { EMBED                  } from '../modules/local/embed'
+include { MERGE                  } from '../modules/local/merge'
+include { REPORT                 } from '../modules/local/report'
+include { asBool                 } from '../subworkflows/local/utils_params'
+include { softwareVersionsToYAML } from '../subworkflows/local/utils_uce_pipeline'
+
+workflow UCE {
+
+    take:
+    ch_samplesheet // channel: [ meta, h5ad ] in samplesheet order
+    samplesheet    // string : samplesheet path (names the VALIDATE task)
+
+    main:
+    ch_versions = channel.empty()
+
+    //
+    // Model files: the official layout in --model_dir, or downloaded by the run.
+    // --model is a file name inside it, or a path to a checkpoint anywhere.
+    //
+    def model_name = params.model.toString().tokenize('/')[-1]
+    def model_path = params.model.toString().contains('/') ? file(params.model.toString(), checkIfExists: true) : null
+    if (asBool(params.download_model_files)) {
+        DOWNLOAD_MODEL_FILES([id: 'model_files', model: model_name])
+        ch_model_dir = DOWNLOAD_MODEL_FILES.out.model_dir.map { meta, dir -> dir }.first()
+        ch_versions = ch_versions.mix(DOWNLOAD_MODEL_FILES.out.versions)
+    } else {
+        ch_model_dir = channel.value(file(params.model_dir.toString(), checkIfExists: true))
+    }
+    // Overrides of single model files; [] stages nothing.
+    def optional_file = { p -> p ? file(p.toString(), checkIfExists: true) : [] }
+    def overrides = [params.spec_chrom_csv, params.offset_pkl, params.token_file, params.protein_embeddings_dir].collect { p -> optional_file(p) }
+    // value channel: [ model_dir, checkpoint, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir ]
+    ch_model = ch_model_dir.map { dir -> [dir, model_path ?: dir.resolve(model_name)] + overrides }
+    ch_checkpoint = ch_model.map { files -> files[1] }
+
+    //
+    // VALIDATE the whole samplesheet once. Sorted by sample id: stable task hash.
+    //
+    def sheet_name = file(samplesheet).name
+    ch_validate_in = ch_samplesheet
+        .toSortedList { a, b -> a[0].id <=> b[0].id }
+        .map { rows -> [[id: sheet_name], rows.collect { r -> r[0] }, rows.collect { r -> r[1] }] }
+    VALIDATE(ch_validate_in, ch_model)
+    ch_versions = ch_versions.mix(VALIDATE.out.versions)
+
+    // Gate: datasets enter the heavy steps only once VALIDATE has passed.
+    ch_validated = VALIDATE.out.json.map { meta, json -> json }
+    ch_samples = ch_samplesheet
+        .combine(ch_validated)
+        .map { meta, h5ad, json -> [meta, h5ad] }
+
+    //
+    // PREPARE_SPECIES once per (species, model), shared by every dataset of that species.
+    //
+    ch_species_in = ch_samples
+        .map { meta, h5ad -> meta.species }
+        .unique()
+        .map { species -> [id: species, species: species, model: model_name] }
+    PREPARE_SPECIES(ch_species_in, ch_model)
+    ch_versions = ch_versions.mix(PREPARE_SPECIES.out.versions.first())
+    ch_species_file = PREPARE_SPECIES.out.species.map { meta, f -> [meta.species, f] }
+
+    //
+    // Per dataset: PREPROCESS -> INDEX -> SENTENCES
+    //
+    ch_preprocess_in = ch_samples
+        .map { meta, h5ad -> [meta.species, meta, h5ad] }
+        .combine(ch_species_file, by: 0)
+        .map { species, meta, h5ad, species_file -> [meta, h5ad, species_file] }
+    PREPROCESS(ch_preprocess_in)
+    ch_versions = ch_versions.mix(PREPROCESS.out.versions.first())
+
+    // species file of each dataset, by sample id
+    ch_sample_species = ch_preprocess_in.map { meta, h5ad, species_file -> [meta.id, species_file] }
+
+    ch_index_in = PREPROCESS.out.adata
+        .map { meta, adata -> [meta.id, meta, adata] }
+        .join(ch_sample_species)
+        .map { id, meta, adata, species_file -> [meta, adata, species_file] }
+    INDEX(ch_index_in)
+    ch_versions = ch_versions.mix(INDEX.out.versions.first())
+
+    SENTENCES(PREPROCESS.out.adata.join(INDEX.out.index))
+    ch_versions = ch_versions.mix(SENTENCES.out.versions.first())
+
+    //
+    // One EMBED task per shard. meta.id names the shard; meta.sample and meta.n_shards
+    // let the embeddings be grouped back per dataset as soon as its last shard is done.
+    //
+    ch_shards = SENTENCES.out.shards.flatMap { meta, shards ->
+        def files = (shards instanceof List ? shards : [shards]).sort { f -> f.name }
+        files.collect { f ->
+            def shard = f.name.replaceAll(/^.*\.shard-(\d+)\..*$/, '$1')
+            [meta + [id: "${meta.id}.shard-${shard}".toString(), sample: meta.id, shard: shard, n_shards: files.size()], f]
+        }
+    }
+    ch_embed_in = ch_shards
+        .map { meta, shard -> [meta.sample, meta, shard] }
+        .combine(ch_sample_species, by: 0)
+        .map { id, meta, shard, species_file -> [meta, shard, species_file] }
+    EMBED(ch_embed_in, ch_checkpoint)
+    ch_versions = ch_versions.mix(EMBED.out.versions.first())
+
+    // groupKey with the shard count: each dataset's group is released when complete,
+    // without waiting for other datasets. Shards sorted by index: stable MERGE hash.
+    ch_embeddings = EMBED.out.embeddings
+        .map { meta, npz -> [groupKey(meta.sample, meta.n_shards), meta.shard, npz] }
+        .groupTuple()
+        .map { key, shards, files -> [key.toString(), [shards, files].transpose().sort { p -> p[0] }.collect { p -> p[1] }] }
+
+    //
+    // MERGE per dataset, then one REPORT over all datasets.
+    //
+    ch_merge_in = PREPROCESS.out.adata
+        .join(PREPROCESS.out.stats)
+        .map { meta, adata, stats -> [meta.id, meta, adata, stats] }
+        .join(ch_embeddings)
+        .join(ch_sample_species)
+        .map { id, meta, adata, stats, embeddings, species_file -> [meta, adata, embeddings, stats, species_file] }
+    MERGE(ch_merge_in)
+    ch_versions = ch_versions.mix(MERGE.out.versions.first())
+
+    ch_report_in = MERGE.out.adata
+        .map { meta, adata -> adata }
+        .collect(sort: { a, b -> a.name <=> b.name })
+        .map { files -> [[id: 'report'], files] }
+    REPORT(ch_report_in)
+    ch_versions = ch_versions.mix(REPORT.out.versions)
+
+    //
+    // pipeline_info/software_versions.yml
+    //
+    softwareVersionsToYAML(ch_versions)
+        .collectFile(storeDir: "${params.outdir}/pipeline_info", name: 'software_versions.yml', sort: true, newLine: true)
+
+    emit:
+    adata    = MERGE.out.adata        // channel: [ meta, <sample>_uce_adata.h5ad ]
+    report   = REPORT.out.report      // channel: [ meta, report/ ]
+    versions = ch_versions            // channel: versions.yml files
+}
