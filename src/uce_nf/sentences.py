@@ -34,34 +34,47 @@ SAMPLE_SIZE = 1024
 PAD_LENGTH = 1536
 
 
+_LOG1P = torch.log1p(torch.arange(1 << 16, dtype=torch.int64)).numpy()  # float32, as torch computes it
+
+
 def reference_weights(cols: np.ndarray, counts: np.ndarray, n_genes: int) -> np.ndarray:
     """The reference's sampling probabilities of the non-zero genes, bit for bit (§6.2-3):
-    torch float32 log1p and sum over the dense row, then numpy-1.26's `w / sum(w)`, whose builtin
-    sum accumulates sequentially in float64 and is rounded to float32 for the division."""
-    row = torch.zeros((1, n_genes), dtype=torch.int64)
-    row[0, torch.from_numpy(cols)] = torch.from_numpy(counts)
-    w = torch.log1p(row)
-    w = (w / torch.sum(w))[0].numpy()[cols]
+    torch float32 log1p, divided by torch's float32 sum over the *dense* row (its reduction order
+    depends on where the zeros are), then numpy-1.26's `w / sum(w)`, whose builtin sum accumulates
+    sequentially in float64 and is rounded to float32 for the division. torch's log1p gives the same
+    value wherever an element sits in a row (checked in tests), so it comes from a lookup table."""
+    w = _LOG1P[counts] if counts.max(initial=0) < len(_LOG1P) else torch.log1p(torch.from_numpy(counts)).numpy()
+    row = torch.zeros((1, n_genes), dtype=torch.float32)
+    row[0, torch.from_numpy(cols)] = torch.from_numpy(w)
+    w = w / torch.sum(row).numpy()  # float32 / float32: IEEE division, as torch does it
     s = np.cumsum(w, dtype=np.float64)[-1]
     return w / np.float32(s)
 
 
-def _assemble(genes_sorted: np.ndarray, chrom_order: np.ndarray, gene_chrom: np.ndarray,
-              index: dict) -> np.ndarray:
-    """Write the sentence: CLS, then per chromosome (in chrom_order) its token, its genes, CLOSE."""
-    out = np.empty(1 + len(genes_sorted) + 2 * len(chrom_order), dtype=np.uint32)
+def _assemble(genes: np.ndarray, gene_chrom: np.ndarray, order: np.ndarray, index: dict) -> np.ndarray:
+    """Write the sentence: CLS, then per chromosome in `order` its token, its genes, CHROM_CLOSE.
+    `genes` are grouped by chromosome in ascending code order (gene_chrom sorted), each group already
+    in its final order; `order` is a permutation of the distinct codes."""
+    codes, first, counts = np.unique(gene_chrom, return_index=True, return_counts=True)
+    rank = np.searchsorted(codes, order)  # ascending group index of each chromosome in output order
+    span = np.empty(len(codes), dtype=np.int64)
+    span[rank] = np.cumsum(counts[rank] + 2) - (counts[rank] + 2) + 1  # output start of each group
+    out = np.empty(1 + len(genes) + 2 * len(codes), dtype=np.uint32)
     out[0] = CLS
-    tok = index["token_id"][genes_sorted]
-    offset = int(index["chrom_token_offset"])
-    i = 1
-    for c in chrom_order:
-        sel = tok[gene_chrom == c]
-        out[i] = offset + int(c)
-        out[i + 1:i + 1 + len(sel)] = sel
-        i += 1 + len(sel)
-        out[i] = CHROM_CLOSE
-        i += 1
+    out[span] = int(index["chrom_token_offset"]) + codes.astype(np.int64)
+    out[span + 1 + counts] = CHROM_CLOSE
+    g = np.repeat(np.arange(len(codes)), counts)
+    out[span[g] + 1 + np.arange(len(genes)) - first[g]] = index["token_id"][genes]
     return out
+
+
+def tie_genes(index: dict) -> np.ndarray:
+    """Genes sharing (chromosome, start) with a gene of another token: only for these can the order
+    of numpy's unstable argsort show in a sentence."""
+    key = index["chrom"].astype(np.int64) << 40 | index["start"]
+    pairs = np.unique(np.stack([key, index["token_id"]]), axis=1)
+    keys, n_tokens = np.unique(pairs[0], return_counts=True)
+    return np.isin(key, keys[n_tokens > 1])
 
 
 def reference_sentence(rs: np.random.RandomState, cols: np.ndarray, counts: np.ndarray, index: dict,
@@ -72,13 +85,21 @@ def reference_sentence(rs: np.random.RandomState, cols: np.ndarray, counts: np.n
     cdf /= cdf[-1]
     choice = cols[np.searchsorted(cdf, rs.random_sample(sample_size), side="right")]
     chrom, start = index["chrom"], index["start"]
+    if index.get("ties") is not None and not index["ties"][choice].any():
+        # No start ties between different tokens: a stable sort by (chromosome, start) gives the
+        # same tokens as the reference's per-chromosome argsorts, in one vectorised pass.
+        choice = choice[np.argsort(chrom[choice].astype(np.int64) << 40 | start[choice], kind="stable")]
+        uq = np.unique(chrom[choice])
+        rs.shuffle(uq)
+        return _assemble(choice, chrom[choice], uq, index)
     choice = choice[np.argsort(chrom[choice])]  # quicksort on pandas' code dtype, as the reference
     new_chrom = chrom[choice]
     chosen_starts = start[choice]
     uq = np.unique(new_chrom)
     rs.shuffle(uq)
-    parts = [choice[loc[np.argsort(chosen_starts[loc])]] for loc in (np.flatnonzero(new_chrom == c) for c in uq)]
-    return _assemble(np.concatenate(parts), uq, chrom[np.concatenate(parts)], index)
+    parts = {c: choice[loc[np.argsort(chosen_starts[loc])]] for c in uq for loc in [np.flatnonzero(new_chrom == c)]}
+    genes = np.concatenate([parts[c] for c in sorted(parts)])
+    return _assemble(genes, chrom[genes], uq, index)
 
 
 def cell_rng(seed: int, obs_name: str) -> np.random.Generator:
@@ -93,13 +114,9 @@ def context_free_sentence(rng: np.random.Generator, cols: np.ndarray, counts: np
     (start, token) with a stable sort so ties never depend on the platform's sort."""
     cdf = np.cumsum(np.log1p(counts.astype(np.float64)))
     choice = cols[np.searchsorted(cdf, rng.random(sample_size) * cdf[-1], side="right")]
-    chrom = index["chrom"][choice].astype(np.int64)
-    uq = np.unique(chrom)
-    order = rng.permutation(uq)
-    rank = np.empty(int(uq.max()) + 1, dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    genes = choice[np.lexsort((index["token_id"][choice], index["start"][choice], rank[chrom]))]
-    return _assemble(genes, order, index["chrom"][genes].astype(np.int64), index)
+    chrom = index["chrom"][choice]
+    genes = choice[np.lexsort((index["token_id"][choice], index["start"][choice], chrom))]
+    return _assemble(genes, index["chrom"][genes], rng.permutation(np.unique(chrom)), index)
 
 
 def _truncated_counts(m: sp.csr_matrix) -> sp.csr_matrix:
@@ -133,6 +150,7 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
     t0 = time.time()
     out_dir = Path(out_dir)
     rs = np.random.RandomState(seed) if compat else None
+    index = {**index, "ties": tie_genes(index)}
     paths = []
     with open_h5ad(adata_path) as f:
         X = H5Matrix(f["X"])
