@@ -145,3 +145,37 @@ class CSRWriter:
     def close(self) -> None:
         self.g.create_dataset("indptr", data=np.concatenate(self.indptr))
         self.g.attrs["shape"] = (self.n_rows, self.n_cols)
+
+
+class Progress:
+    """Progress for long steps: a live bar when stderr is a terminal, otherwise a log line every
+    `every` seconds (what a Nextflow task's .command.log should show)."""
+
+    def __init__(self, total: int, desc: str, unit: str = "cells", every: float = 30.0):
+        import logging
+        import sys
+        import time
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done, self.t0, self.last = 0, time.time(), time.time()
+        self.log = logging.getLogger("uce_nf.progress")
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit=unit.rstrip("s"), leave=False)
+            except ImportError:  # tqdm is optional
+                pass
+
+    def update(self, n: int) -> None:
+        import time
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif time.time() - self.last >= self.every or self.done >= self.total:
+            rate = self.done / max(time.time() - self.t0, 1e-9)
+            self.log.info("%s: %d/%d %s (%.1f %s/s)", self.desc, self.done, self.total, self.unit, rate, self.unit)
+            self.last = time.time()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
