@@ -24,7 +24,7 @@ include { EMBED                  } from '../modules/local/embed'
 include { MERGE                  } from '../modules/local/merge'
 include { REPORT                 } from '../modules/local/report'
 include { asBool                 } from '../subworkflows/local/utils_params'
-include { softwareVersionsToYAML } from '../subworkflows/local/utils_uce_pipeline'
+include { softwareVersionsToYAML; workflowVersionToYAML } from '../subworkflows/local/utils_uce_pipeline'
 
 workflow UCE {
 
@@ -49,8 +49,7 @@ workflow UCE {
         ch_model_dir = channel.value(file(params.model_dir.toString(), checkIfExists: true))
     }
     // Overrides of single model files; [] stages nothing.
-    def optional_file = { p -> p ? file(p.toString(), checkIfExists: true) : [] }
-    def overrides = [params.spec_chrom_csv, params.offset_pkl, params.token_file, params.protein_embeddings_dir].collect { p -> optional_file(p) }
+    def overrides = [params.spec_chrom_csv, params.offset_pkl, params.token_file, params.protein_embeddings_dir].collect { p -> optionalFile(p) }
     // value channel: [ model_dir, checkpoint, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir ]
     ch_model = ch_model_dir.map { dir -> [dir, model_path ?: dir.resolve(model_name)] + overrides }
     ch_checkpoint = ch_model.map { files -> files[1] }
@@ -153,10 +152,16 @@ workflow UCE {
     // pipeline_info/software_versions.yml
     //
     softwareVersionsToYAML(ch_versions)
+        .mix(channel.of(workflowVersionToYAML()))
         .collectFile(storeDir: "${params.outdir}/pipeline_info", name: 'software_versions.yml', sort: true, newLine: true)
 
     emit:
     adata    = MERGE.out.adata        // channel: [ meta, <sample>_uce_adata.h5ad ]
     report   = REPORT.out.report      // channel: [ meta, report/ ]
     versions = ch_versions            // channel: versions.yml files
+}
+
+// A file that must exist, or [] (an empty path input) when the param is not set.
+def optionalFile(p) {
+    return p ? file(p.toString(), checkIfExists: true) : []
 }

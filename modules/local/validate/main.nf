@@ -24,23 +24,51 @@ process VALIDATE {
     def header    = (['sample', 'h5ad', 'species'] + optional).join(',')
     // Staged paths are relative to the task dir, which is where the samplesheet is written:
     // relative h5ad paths resolve against the samplesheet's folder (same rule as the pipeline).
-    def rows      = [samples, files].transpose().collect { m, f ->
+    def pairs     = [samples, files].transpose()
+    def csv_rows  = pairs.collect { m, f ->
         ([m.id, f.toString(), m.species] + optional.collect { c -> m[c] ?: '' }).collect { v -> csvField(v) }.join(',')
     }
+    // '|'-separated copy for the shell loop (not tabs: read would merge empty fields).
+    def tsv_rows  = pairs.collect { m, f -> [m.id, f.toString(), m.species, m.gene_column ?: '', m.counts_layer ?: ''].join('|') }
     def overrides = modelOverrides(spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir)
+    // `uce validate` checks one dataset (and the model files for its species) in seconds.
+    // Every dataset is checked, then all problems are reported together.
     """
     cat <<'END_SAMPLESHEET' > samplesheet.valid.csv
     ${header}
-    ${rows.join('\n    ')}
+    ${csv_rows.join('\n    ')}
     END_SAMPLESHEET
+    printf '%s\\n' ${tsv_rows.collect { r -> "'" + r + "'" }.join(' ')} > samples.txt
 
-    uce-validate \\
-        --input samplesheet.valid.csv \\
-        --model-dir model_files \\
-        --model ${checkpoint} \\
-        ${overrides} \\
-        ${args} \\
-        --output validated.json
+    mkdir -p validated
+    failed=0
+    while IFS='|' read -r sample h5ad species gene layer; do
+        if ! uce-validate \
+            --input "\$h5ad" \
+            --species "\$species" \
+            \${gene:+--gene-column "\$gene"} \
+            \${layer:+--counts-layer "\$layer"} \
+            --model-dir model_files \
+            --model ${checkpoint} \
+            ${overrides} \
+            ${args} \
+            --output "validated/\$sample.json" 2> "validated/\$sample.log"; then
+            cat "validated/\$sample.log" >&2
+            echo "VALIDATE: sample '\$sample' (\$species, \$h5ad) failed: \$(grep -m1 '^ERROR' "validated/\$sample.log" || tail -n1 "validated/\$sample.log")" >&2
+            failed=\$((failed + 1))
+        fi
+    done < samples.txt
+    if [ "\$failed" -gt 0 ]; then
+        echo "VALIDATE: \$failed dataset(s) failed the checks above; fix the samplesheet or the model files" >&2
+        exit 1
+    fi
+
+    # One JSON keyed by sample id
+    python3 - <<'END_PYTHON'
+    import json, pathlib
+    out = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path("validated").glob("*.json"))}
+    pathlib.Path("validated.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\\n")
+    END_PYTHON
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":

@@ -79,8 +79,8 @@ def checkParam(name, prop, value) {
         }
         num = new BigDecimal(s)
     }
-    if (prop.enum && !(s in prop.enum.collect { e -> e.toString() })) {
-        return "${flag} must be one of ${prop.enum.join(', ')}, got '${s}'; pass e.g. ${flag} ${prop.enum[0]}"
+    if (prop['enum'] && !(s in prop['enum'].collect { e -> e.toString() })) {
+        return "${flag} must be one of ${prop['enum'].join(', ')}, got '${s}'; pass e.g. ${flag} ${prop['enum'][0]}"
     }
     if (num != null && prop.minimum != null && num < new BigDecimal(prop.minimum.toString())) {
         return "${flag} must be >= ${prop.minimum}, got ${s}; pass a larger value${example}"
@@ -118,6 +118,11 @@ def validateParameters(schema_path) {
     def download = asBool(params.download_model_files)
     if (!download && isBlank(params.model_dir)) {
         errors << "--model_dir is required: the folder with the UCE model files (official layout); pass --model_dir <dir> or --download_model_files"
+    }
+    // download_model_files fetches one of the two official checkpoints
+    def official = ['4layer_model.torch', '33l_8ep_1024t_1280.torch']
+    if (download && !isBlank(params.model) && !params.model.toString().contains('/') && !(params.model.toString() in official)) {
+        errors << "--model '${params.model}': --download_model_files fetches only ${official.join(' or ')}; pass one of them, or --model_dir with your checkpoint"
     }
     // model: a file name inside model_dir, or a path to a checkpoint
     if (!isBlank(params.model)) {
@@ -165,7 +170,7 @@ def paramsHelp(schema_path) {
         lines << "${group}:"
         members.each { name, prop ->
             def type = prop.type instanceof List ? prop.type.join('|') : prop.type
-            def choices = prop.enum ? " (${prop.enum.join('|')})" : ''
+            def choices = prop['enum'] ? " (${prop['enum'].join('|')})" : ''
             def dflt = prop.default != null ? " [default: ${prop.default}]" : ''
             def req = prop.required ? ' [required]' : ''
             lines << "  ${('--' + name).padRight(width)}[${type}] ${prop.description ?: ''}${choices}${dflt}${req}"

@@ -61,8 +61,8 @@ def errorSummary() {
 def dumpParametersToJSON(outdir) {
     def info = file("${outdir}/pipeline_info")
     info.mkdirs()
-    def json = groovy.json.JsonOutput.prettyPrint(groovy.json.JsonOutput.toJson(params.collectEntries { k, v -> [k, v instanceof Boolean || v instanceof Number || v == null ? v : v.toString()] }))
-    info.resolve("params_${params.trace_report_suffix}.json").text = json + '\n'
+    def plain = params.collectEntries { k, v -> [k, v instanceof Boolean || v instanceof Number || v == null ? v : v.toString()] }
+    info.resolve("params_${params.trace_report_suffix}.json").text = new groovy.json.JsonBuilder(plain).toPrettyString() + '\n'
 }
 
 // One versions.yml ("PROCESS": {tool: version}) -> YAML keyed by the simple process name.
@@ -78,11 +78,10 @@ def workflowVersionToYAML() {
     return new org.yaml.snakeyaml.Yaml().dumpAsMap(versions).trim()
 }
 
-// Channel of YAML snippets: one per distinct process, plus the workflow's own versions.
+// Channel of YAML snippets, one per distinct process (add workflowVersionToYAML() to it).
 def softwareVersionsToYAML(ch_versions) {
     return ch_versions
         .unique()
         .map { f -> processVersionsFromYAML(f) }
         .unique()
-        .mix(channel.of(workflowVersionToYAML()))
 }
