@@ -1,0 +1,226 @@
+"""`uce report`: HTML report, MultiQC custom content and JSON summary over final outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from click.testing import CliRunner
+
+from uce_nf.cli import main
+from uce_nf.report import default_color_column, mean_pairwise_cosine, parse_duration, parse_memory
+
+DIM = 64
+
+
+def preprocess_stats(cells_in, kept, min_genes, zero, **kw) -> dict:
+    st = {"input": "x.h5ad", "counts_source": "X", "gene_symbols_from": "var_names", "cells_in": cells_in,
+          "cells_kept": kept, "cells_dropped_min_genes": min_genes, "cells_dropped_zero_counts": zero,
+          "genes_in": 1200, "genes_after_min_cells": 900, "genes_with_embedding": 1000, "genes_kept": 850,
+          "duplicate_obs_names": 0, "duplicate_gene_symbols": 0, "filter": True, "min_cells": 10, "min_genes": 25,
+          "seconds": 1.25, "species": "human"}
+    st.update(kw)
+    return st
+
+
+def write_output(path: Path, emb: np.ndarray, obs: pd.DataFrame, stats: dict, **prov) -> Path:
+    n = len(emb)
+    rng = np.random.default_rng(1)
+    X = sp.random(n, 30, density=0.2, format="csr", random_state=rng, dtype=np.float32)
+    X.data = np.ceil(X.data * 5)
+    a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(30)]))
+    a.obsm["X_uce"] = emb.astype(np.float32)
+    a.uns["uce"] = {"version": "0.1.0", "species": "human", "model_file": "4layer_model.torch",
+                    "model_sha256": "0123456789abcdef" * 4, "nlayers": 4, "compat": "none", "seed": 0,
+                    "batch_size": 25, "precision": "float32", "device": "cpu", "n_shards": 2,
+                    "embed_seconds": 12.5, "preprocess": stats, **prov}
+    a.write_h5ad(path)
+    return path
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("report_in")
+    rng = np.random.default_rng(0)
+    # healthy: 5 well separated clusters
+    n = 600
+    lab = rng.integers(0, 5, n)
+    centers = rng.normal(size=(5, DIM))
+    healthy = unit(centers[lab] + 0.35 * rng.normal(size=(n, DIM)))
+    obs = pd.DataFrame({"louvain": pd.Categorical([str(i) for i in lab]),
+                        "cell_type_ontology_term_id": pd.Categorical([f"CL:{i:07d}" for i in lab]),
+                        "n_genes": rng.integers(25, 500, n),
+                        "cell_type": pd.Categorical(np.array(["B cell", "T cell", "NK cell", "monocyte", "DC"])[lab])},
+                       index=[f"h{i}" for i in range(n)])
+    h = write_output(d / "healthy_uce_adata.h5ad", healthy, obs, preprocess_stats(640, 600, 33, 7))
+    # collapsed: every cell nearly the same vector
+    m = 300
+    base = rng.normal(size=DIM)
+    collapsed = unit(base + 0.01 * rng.normal(size=(m, DIM)))
+    obs2 = pd.DataFrame({"bulk_labels": pd.Categorical(rng.choice(["CD14+ Monocyte", "CD4+/CD45RA+ Naive T"], m))},
+                        index=[f"c{i}" for i in range(m)])
+    c = write_output(d / "collapsed_uce_adata.h5ad", collapsed, obs2, preprocess_stats(310, 300, 10, 0, genes_kept=777),
+                     compat="reference", seed=7, n_shards=1)
+    trace = d / "execution_trace.txt"
+    cols = ["task_id", "hash", "native_id", "process", "tag", "name", "status", "exit", "realtime", "peak_rss"]
+    rows = [
+        ["1", "ab/cd", "1", "UCE_NF:UCE:PREPARE_SPECIES", "human", "UCE_NF:UCE:PREPARE_SPECIES (human)", "COMPLETED", "0", "4.2s", "1.5 GB"],
+        ["2", "ab/ce", "2", "UCE_NF:UCE:PREPROCESS", "healthy", "UCE_NF:UCE:PREPROCESS (healthy)", "COMPLETED", "0", "1m 3s", "800 MB"],
+        ["3", "ab/cf", "3", "UCE_NF:UCE:EMBED", "healthy.shard-00000", "UCE_NF:UCE:EMBED (healthy.shard-00000)", "COMPLETED", "0", "10s", "2 GB"],
+        ["4", "ab/d0", "4", "UCE_NF:UCE:EMBED", "healthy.shard-00001", "UCE_NF:UCE:EMBED (healthy.shard-00001)", "CACHED", "0", "2.5s", "1 GB"],
+        ["5", "ab/d1", "5", "UCE_NF:UCE:EMBED", "collapsed.shard-00000", "UCE_NF:UCE:EMBED (collapsed.shard-00000)", "FAILED", "1", "1h", "1 GB"],
+        ["6", "ab/d2", "6", "UCE_NF:UCE:EMBED", "collapsed.shard-00000", "UCE_NF:UCE:EMBED (collapsed.shard-00000)", "COMPLETED", "0", "500ms", "-"],
+    ]
+    trace.write_text("\n".join("\t".join(r) for r in [cols] + rows) + "\n")
+    return {"healthy": h, "collapsed": c, "trace": trace}
+
+
+@pytest.fixture(scope="module")
+def report(outputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report_out") / "report"
+    res = CliRunner().invoke(main, ["report", "--adata", str(outputs["healthy"]), "--adata", str(outputs["collapsed"]),
+                                    "--output-dir", str(out), "--trace", str(outputs["trace"])],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def text_of(html: str, row_id: str) -> str:
+    m = re.search(rf'<tr id="{re.escape(row_id)}">(.*?)</tr>', html, re.DOTALL)
+    assert m, row_id
+    return " ".join(re.sub(r"<[^>]+>", " ", m.group(1)).split())
+
+
+def test_html_self_contained(report):
+    html = (report / "uce_report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>")
+    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', html, re.IGNORECASE)
+    assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
+    assert "uce-nf 0.1.0" in html and "run date" in html
+    assert not list(report.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_html_rows(report):
+    html = (report / "uce_report.html").read_text()
+    assert text_of(html, "cells-healthy").split()[:9] == ["healthy", "human", "640", "600", "93.8%", "33", "7",
+                                                           "1,200", "900"]
+    assert "850" in text_of(html, "cells-healthy") and "min_cells 10, min_genes 25" in text_of(html, "cells-healthy")
+    assert text_of(html, "cells-collapsed").split()[2:7] == ["310", "300", "96.8%", "10", "0"]
+    assert "777" in text_of(html, "cells-collapsed")
+    run = text_of(html, "run-healthy")
+    for s in ["4layer_model.torch", "4 layers", "sha256 0123456789ab", "none", "float32", "cpu", "1.2 s", "12.5 s",
+              "PREPROCESS 1 m 03 s", "EMBED 12.5 s (2 tasks)"]:
+        assert s in run, (s, run)
+    run_c = text_of(html, "run-collapsed")
+    assert "reference" in run_c and " 7 " in f" {run_c} " and "EMBED 0.50 s" in run_c and "(2 tasks)" not in run_c
+    assert "PREPARE_SPECIES" in html  # the whole-run trace table
+
+
+def test_images_and_collapse_warning(report):
+    html = (report / "uce_report.html").read_text()
+    imgs = re.findall(r'<img alt="([^"]+) embedding map" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert [n for n, _ in imgs] == ["healthy", "collapsed"]
+    import base64
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for _, b in imgs)
+    assert "possible collapse" in text_of(html, "qc-collapsed")
+    assert "possible collapse" not in text_of(html, "qc-healthy") and " ok" in text_of(html, "qc-healthy")
+    cards = {m.group(1): m.group(2) for m in re.finditer(r'<div class="card[ a-z]*" id="map-(\w+)">(.*?)<img', html, re.DOTALL)}
+    assert "possible collapse" in cards["collapsed"] and "possible collapse" not in cards["healthy"]
+    assert "coloured by cell_type (auto)" in cards["healthy"]
+    assert "coloured by bulk_labels (auto)" in cards["collapsed"]
+
+
+def test_summary_and_multiqc(report):
+    summ = json.loads((report / "uce_summary.json").read_text())
+    h, c = summ["samples"]["healthy"], summ["samples"]["collapsed"]
+    assert h["cells"] == 600 and h["dim"] == DIM and h["preprocess"]["cells_in"] == 640
+    assert abs(h["qc"]["norm_min"] - 1) < 1e-5 and abs(h["qc"]["norm_max"] - 1) < 1e-5
+    assert h["qc"]["mean_cosine"] < 0.5 and not h["qc"]["collapsed"]
+    assert c["qc"]["mean_cosine"] > 0.99 and c["qc"]["collapsed"]
+    assert h["map"]["color_by"] == ["cell_type"] and h["map"]["method"] == "pca"
+    assert h["trace"]["EMBED"] == {"tasks": 2, "realtime_s": 12.5, "peak_rss_bytes": 2 * 1024 ** 3}
+    assert summ["trace"]["EMBED"]["tasks"] == 3  # the FAILED attempt is not counted
+
+    mqc = json.loads((report / "uce_mqc.json").read_text())
+    assert {"id", "section_name", "plot_type", "pconfig", "headers", "data"} <= set(mqc)
+    assert mqc["plot_type"] == "table" and "id" in mqc["pconfig"]
+    assert set(mqc["data"]) == {"healthy", "collapsed"}
+    row = mqc["data"]["healthy"]
+    assert row["cells_in"] == 640 and row["cells_kept"] == 600 and row["genes_kept"] == 850
+    assert 0 <= row["mean_cosine"] < 0.5 and mqc["data"]["collapsed"]["mean_cosine"] > 0.99
+    assert set(row) <= set(mqc["headers"])
+
+
+def test_color_by_options(outputs, tmp_path):
+    out = tmp_path / "r"
+    res = CliRunner().invoke(main, ["report", "--adata", str(outputs["healthy"]), "--output-dir", str(out),
+                                    "--color-by", "louvain", "--color-by", "n_genes", "--color-by", "nope",
+                                    "--collapse-threshold", "0.95", "--max-map-cells", "100"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "uce_summary.json").read_text())["samples"]["healthy"]
+    assert s["map"]["color_by"] == ["louvain", "n_genes"] and s["map"]["missing_color_by"] == ["nope"]
+    assert s["map"]["cells"] == 100 and s["qc"]["cosine_cells"] == 600
+    html = (out / "uce_report.html").read_text()
+    assert "not in obs: nope" in html and "Nextflow tasks" not in html
+
+
+def test_user_errors(outputs, tmp_path):
+    bad = tmp_path / "bad_uce_adata.h5ad"
+    ad.AnnData(X=np.zeros((3, 2), dtype=np.float32)).write_h5ad(bad)
+    res = CliRunner().invoke(main, ["report", "--adata", str(bad), "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no obsm['X_uce']" in res.output
+    res = CliRunner().invoke(main, ["report", "--adata", str(outputs["healthy"]), "--adata", str(outputs["healthy"]),
+                                    "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "more than once" in res.output
+
+
+def test_helpers():
+    kinds = {"louvain": "categorical", "cell_type_ontology_term_id": "categorical", "n_genes": "numeric",
+             "cell_type": "categorical", "CellType_fine": "string"}
+    assert default_color_column(kinds) == "cell_type"
+    assert default_color_column({"Leiden_res1": "categorical", "cluster": "string"}) == "Leiden_res1"
+    assert default_color_column({"n_genes": "numeric", "batch": "categorical"}) is None
+    assert parse_duration("1h 2m 3s") == 3723 and parse_duration("120ms") == 0.12 and parse_duration("-") is None
+    assert parse_duration("4500") == 4.5 and parse_memory("1.5 GB") == 1.5 * 1024 ** 3 and parse_memory("-") is None
+    rng = np.random.default_rng(0)
+    x = unit(rng.normal(size=(500, 32)))
+    assert abs(mean_pairwise_cosine(x)) < 0.02
+    full = x @ x.T
+    assert np.isclose(mean_pairwise_cosine(x), (full.sum() - np.trace(full)) / (500 * 499))
+    assert mean_pairwise_cosine(x[:1]) is None
+
+
+def test_minimal_inputs(tmp_path):
+    """One cell, no provenance, no obs columns: still a report, with the gaps said out loud."""
+    one = tmp_path / "one_uce_adata.h5ad"
+    a = ad.AnnData(X=np.zeros((1, 3), dtype=np.float32))
+    a.obsm["X_uce"] = unit(np.ones((1, 8))).astype(np.float32)
+    a.write_h5ad(one)
+    nan = tmp_path / "nan_uce_adata.h5ad"
+    b = ad.AnnData(X=np.zeros((50, 3), dtype=np.float32))
+    e = unit(np.random.default_rng(0).normal(size=(50, 8)))
+    e[3] = np.nan
+    e[4] *= 2
+    b.obsm["X_uce"] = e.astype(np.float32)
+    b.write_h5ad(nan)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(main, ["report", "--adata", str(one), "--adata", str(nan), "--output-dir", str(out)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "uce_summary.json").read_text())["samples"]
+    assert s["one"]["qc"]["mean_cosine"] is None and s["one"]["map"]["color_by"] == []
+    assert s["nan"]["qc"]["non_finite_cells"] == 1 and s["nan"]["qc"]["off_unit_cells"] == 1
+    assert not s["nan"]["qc"]["unit_norm"] and abs(s["nan"]["qc"]["norm_max"] - 2) < 1e-5
+    html = (out / "uce_report.html").read_text()
+    assert "no uns[&#x27;uce&#x27;] provenance" in html and "not unit norm" in text_of(html, "qc-nan")
+    assert html.count("data:image/png;base64,") == 2
