@@ -150,6 +150,7 @@ def test_summary_and_multiqc(report):
     assert h["map"]["color_by"] == ["cell_type"] and h["map"]["method"] == "pca"
     assert h["trace"]["EMBED"] == {"tasks": 2, "realtime_s": 12.5, "peak_rss_bytes": 2 * 1024 ** 3}
     assert summ["trace"]["EMBED"]["tasks"] == 3  # the FAILED attempt is not counted
+    assert summ["collapse_threshold"] == 0.95
 
     mqc = json.loads((report / "uce_mqc.json").read_text())
     assert {"id", "section_name", "plot_type", "pconfig", "headers", "data"} <= set(mqc)
@@ -165,11 +166,12 @@ def test_color_by_options(outputs, tmp_path):
     out = tmp_path / "r"
     res = CliRunner().invoke(main, ["report", "--adata", str(outputs["healthy"]), "--output-dir", str(out),
                                     "--color-by", "louvain", "--color-by", "n_genes", "--color-by", "nope",
-                                    "--collapse-threshold", "0.95", "--max-map-cells", "100"], catch_exceptions=False)
+                                    "--collapse-threshold", "0.2", "--max-map-cells", "100"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     s = json.loads((out / "uce_summary.json").read_text())["samples"]["healthy"]
     assert s["map"]["color_by"] == ["louvain", "n_genes"] and s["map"]["missing_color_by"] == ["nope"]
     assert s["map"]["cells"] == 100 and s["qc"]["cosine_cells"] == 600
+    assert s["qc"]["collapsed"] and 0.2 < s["qc"]["mean_cosine"] < 0.3  # a stricter threshold flags it
     html = (out / "uce_report.html").read_text()
     assert "not in obs: nope" in html and "Nextflow tasks" not in html
 
