@@ -78,8 +78,13 @@ process VALIDATE {
     """
 
     stub:
+    def files    = h5ads instanceof List ? h5ads : [h5ads]
+    def csv_rows = [samples, files].transpose().collect { m, f -> [m.id, f.toString(), m.species].collect { v -> csvField(v) }.join(',') }
     """
-    printf 'sample,h5ad,species\\n' > samplesheet.valid.csv
+    cat <<'END_SAMPLESHEET' > samplesheet.valid.csv
+    sample,h5ad,species
+    ${csv_rows.join('\n    ')}
+    END_SAMPLESHEET
     echo '{"stub": true}' > validated.json
 
     cat <<-END_VERSIONS > versions.yml

@@ -105,34 +105,35 @@ def checkParam(name, prop, value) {
 
 // Fails the run on the first invalid param (naming how many more there are); warns about
 // params the schema does not know (typos). Also the cross-param rules of this pipeline.
-def validateParameters(schema_path) {
+// values: the params map (an argument so that tests can check many sets in one launch).
+def validateParameters(schema_path, values) {
     def props = schemaParams(schema_path)
     def errors = []
     props.each { name, prop ->
-        def msg = checkParam(name, prop, params.get(name))
+        def msg = checkParam(name, prop, values.get(name))
         if (msg) {
             errors << msg
         }
     }
     // model_dir: required unless the official files are downloaded by the run
-    def download = asBool(params.download_model_files)
-    if (!download && isBlank(params.model_dir)) {
+    def download = asBool(values.download_model_files)
+    if (!download && isBlank(values.model_dir)) {
         errors << "--model_dir is required: the folder with the UCE model files (official layout); pass --model_dir <dir> or --download_model_files"
     }
     // download_model_files fetches one of the two official checkpoints
     def official = ['4layer_model.torch', '33l_8ep_1024t_1280.torch']
-    if (download && !isBlank(params.model) && !params.model.toString().contains('/') && !(params.model.toString() in official)) {
-        errors << "--model '${params.model}': --download_model_files fetches only ${official.join(' or ')}; pass one of them, or --model_dir with your checkpoint"
+    if (download && !isBlank(values.model) && !values.model.toString().contains('/') && !(values.model.toString() in official)) {
+        errors << "--model '${values.model}': --download_model_files fetches only ${official.join(' or ')}; pass one of them, or --model_dir with your checkpoint"
     }
     // model: a file name inside model_dir, or a path to a checkpoint
-    if (!isBlank(params.model)) {
-        def model = params.model.toString()
+    if (!isBlank(values.model)) {
+        def model = values.model.toString()
         if (model.contains('/')) {
             if (isLocalPath(model) && !file(model).exists()) {
                 errors << "--model '${model}': checkpoint file not found; pass a file name inside --model_dir (e.g. 4layer_model.torch) or an existing path"
             }
-        } else if (!download && !isBlank(params.model_dir) && isLocalPath(params.model_dir.toString()) && file(params.model_dir.toString()).isDirectory()) {
-            def ckpt = file(params.model_dir.toString()).resolve(model)
+        } else if (!download && !isBlank(values.model_dir) && isLocalPath(values.model_dir.toString()) && file(values.model_dir.toString()).isDirectory()) {
+            def ckpt = file(values.model_dir.toString()).resolve(model)
             if (!ckpt.exists()) {
                 errors << "--model '${model}': not found in --model_dir (${ckpt}); pass a checkpoint in that folder (4layer_model.torch or 33l_8ep_1024t_1280.torch) or a path"
             }
@@ -140,7 +141,7 @@ def validateParameters(schema_path) {
     }
     // Unknown params: warn (a typo otherwise silently keeps the default)
     def known = props.keySet()
-    def unknown = params.keySet().findAll { k ->
+    def unknown = values.keySet().findAll { k ->
         def snake = k.toString().replaceAll(/([A-Z])/, '_$1').toLowerCase().replace('-', '_')
         !(k in known) && !(snake in known)
     }

@@ -17,7 +17,7 @@ workflow PIPELINE_INITIALISATION {
 
     main:
     if (asBool(validate_params)) {
-        validateParameters("${projectDir}/nextflow_schema.json")
+        validateParameters("${projectDir}/nextflow_schema.json", params)
     }
     dumpParametersToJSON(outdir)
     // Parsed now, while the workflow is built: a bad row fails before any task runs.

@@ -1,0 +1,288 @@
+"""The Nextflow pipeline, end to end, offline (NXF_OFFLINE=true, local executor, CPU).
+
+Cheap checks first (config of every profile, strict syntax, --help, a stub run of the whole
+channel graph), then real runs on the demo data, shared between assertions through
+module-scoped fixtures: a 3-dataset/2-species run (sharded) and its -resume, a compat-mode
+run compared with `uce run`. Bad inputs are in test_pipeline_inputs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from nf_utils import (MODEL_DIR, MOUSE, PBMC, REPO, assert_ok, ensure_demo, make_fake_inputs, read_trace,
+                      requires_engine, run_nf, run_pipeline, simple_name)
+
+pytestmark = pytest.mark.nextflow
+
+PROFILES = {
+    # profile(s) -> lines that `nextflow config -flat` must print
+    "test": ["params.shard_size = 300", "process.resourceLimits"],
+    "docker": ["docker.enabled = true", "docker.runOptions = '-u $(id -u):$(id -g)'", "podman.enabled = false"],
+    "podman": ["podman.enabled = true", "docker.enabled = false"],
+    "singularity": ["singularity.enabled = true", "singularity.autoMounts = true"],
+    "apptainer": ["apptainer.enabled = true", "apptainer.autoMounts = true"],
+    "gpu": ["process.'withLabel:process_gpu'.accelerator", "process.'withLabel:process_gpu'.containerOptions"],
+    "slurm": ["process.executor = 'slurm'"],
+    "awsbatch": ["process.executor = 'awsbatch'", "aws.region = 'us-east-1'"],
+    "google": ["process.executor = 'google-batch'", "google.location = 'us-central1'"],
+    "k8s": ["process.executor = 'k8s'", "k8s.namespace = 'default'"],
+    "debug": ["dumpHashes = true"],
+    "test,docker,gpu": ["docker.enabled = true", "process.'withLabel:process_gpu'.accelerator"],
+}
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_config_parses(profile, tmp_path):
+    r = run_nf(["config", str(REPO), "-flat", "-profile", profile], cwd=tmp_path, timeout=300)
+    assert_ok(r)
+    for line in PROFILES[profile]:
+        assert line in r.stdout, f"-profile {profile}: '{line}' missing from:\n{r.stdout}"
+    # same image for every process, tag = pipeline version
+    assert "process.container = 'ghcr.io/uce-nf/uce-nf:0.1.0'" in r.stdout
+
+
+def test_container_tag_follows_version():
+    """Config settings cannot be read back under the strict syntax, so the image tag is a
+    literal: keep it equal to manifest.version and the Python package version."""
+    text = (REPO / "nextflow.config").read_text()
+    manifest = re.search(r"^\s*version\s*=\s*'([^']+)'", text, re.M).group(1)
+    tag = re.search(r"container_image\s*=\s*'[^':]+:([^']+)'", text).group(1)
+    pyproject = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    schema = json.loads((REPO / "nextflow_schema.json").read_text())
+    assert manifest == tag == pyproject
+    assert schema["$defs"]["container_options"]["properties"]["container_image"]["default"].endswith(":" + manifest)
+
+
+def test_schema_covers_every_param():
+    """Every param of nextflow.config is documented in nextflow_schema.json, same default."""
+    text = (REPO / "nextflow.config").read_text()
+    block = text[text.index("params {"):text.index("\n}\n", text.index("params {"))]
+    config = dict(re.findall(r"^\s{4}(\w+)\s*=\s*(.+?)\s*$", block, re.M))
+    schema = json.loads((REPO / "nextflow_schema.json").read_text())
+    props = {k: v for g in schema["$defs"].values() for k, v in g["properties"].items()}
+    assert set(config) == set(props)
+    for name, raw in config.items():
+        if raw == "null" or raw.startswith("new "):
+            assert "default" not in props[name], name
+            continue
+        value = json.loads(raw.replace("'", '"'))
+        assert props[name].get("default") == value, name
+        assert props[name]["type"] == {bool: "boolean", int: "integer", str: "string"}[type(value)], name
+
+
+def test_strict_syntax():
+    """Every script and config parses with Nextflow's strict parser (nf-lang)."""
+    r = subprocess.run(["bash", str(REPO / "scripts" / "lint_nextflow.sh")], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " 0 error(s)" in r.stdout
+
+
+def test_help(tmp_path):
+    r = run_nf(["run", str(REPO), "--help", "-ansi-log", "false"], cwd=tmp_path, timeout=300)
+    assert_ok(r)
+    for flag in ("--input", "--model_dir", "--shard_size", "--compat", "--precision", "--color_by"):
+        assert flag in r.stdout
+    assert "(none|reference)" in r.stdout
+    assert not (tmp_path / "results").exists(), "--help must not write reports"
+
+
+# ----------------------------------------------------------------------------------------
+# Stub run: the whole channel graph, no engine needed
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stub_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stub")
+    sheet, models = make_fake_inputs(root)
+    args = ["-stub-run", "--input", str(sheet), "--model_dir", str(models), "--outdir", str(root / "out")]
+    first = run_pipeline(root, *args, "--trace_report_suffix", "first")
+    second = run_pipeline(root, *args, "--trace_report_suffix", "second", "-resume")
+    return root, first, second
+
+
+def test_stub_run(stub_run):
+    root, first, _ = stub_run
+    assert_ok(first)
+    counts = {}
+    for row in read_trace(root / "out", "first"):
+        assert row["status"] == "COMPLETED", row
+        counts[simple_name(row)] = counts.get(simple_name(row), 0) + 1
+    # 3 datasets of 2 species; the stub SENTENCES writes 2 shards per dataset
+    assert counts == {"VALIDATE": 1, "PREPARE_SPECIES": 2, "PREPROCESS": 3, "INDEX": 3, "SENTENCES": 3,
+                      "EMBED": 6, "MERGE": 3, "REPORT": 1}
+    out = root / "out"
+    for s in ("human_a", "human_b", "mouse_c"):
+        assert (out / s / f"{s}_uce_adata.h5ad").exists()
+    assert (out / "report").is_dir()
+    assert not (out / "human_a" / "intermediates").exists(), "intermediates only with --save_intermediates"
+    check_pipeline_info(out, "first")
+
+
+def test_stub_resume_all_cached(stub_run):
+    root, first, second = stub_run
+    assert_ok(second)
+    rows = read_trace(root / "out", "second")
+    assert len(rows) == len(read_trace(root / "out", "first"))
+    assert {r["status"] for r in rows} == {"CACHED"}
+
+
+def check_pipeline_info(out: Path, suffix: str) -> None:
+    info = out / "pipeline_info"
+    for name in (f"execution_timeline_{suffix}.html", f"execution_report_{suffix}.html",
+                 f"execution_trace_{suffix}.txt", f"pipeline_dag_{suffix}.html", f"params_{suffix}.json",
+                 "software_versions.yml", "validated.json", "samplesheet.valid.csv"):
+        assert (info / name).is_file(), name
+    params = json.loads((info / f"params_{suffix}.json").read_text())
+    assert params["trace_report_suffix"] == suffix and params["outdir"] == str(out)
+    versions = (info / "software_versions.yml").read_text()
+    for key in ("VALIDATE:", "PREPARE_SPECIES:", "EMBED:", "MERGE:", "REPORT:", "Workflow:", "Nextflow: "):
+        assert key in versions, versions
+
+
+# ----------------------------------------------------------------------------------------
+# Real runs on the demo data (700 pbmc cells, 300 mouse cells, synthetic 4-layer model)
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def multi_run(tmp_path_factory):
+    """3 datasets of 2 species: pbmc twice (relative and absolute path) and the mouse demo;
+    shard_size 300 from the test profile -> several EMBED tasks per dataset."""
+    ensure_demo()
+    root = tmp_path_factory.mktemp("multi")
+    (root / "data").mkdir()
+    (root / "data" / "pbmc.h5ad").symlink_to(PBMC)
+    sheet = root / "three.csv"
+    sheet.write_text(f"sample,h5ad,species\npbmc_a,data/pbmc.h5ad,human\npbmc_b,{PBMC},human\nmouse,{MOUSE},mouse\n")
+    args = ["--input", str(sheet), "--outdir", str(root / "out"), "--color_by", "bulk_labels"]
+    t0 = datetime.now()
+    first = run_pipeline(root, *args, "--trace_report_suffix", "first")
+    first_s = (datetime.now() - t0).total_seconds()
+    t0 = datetime.now()
+    second = run_pipeline(root, *args, "--trace_report_suffix", "second", "-resume")
+    second_s = (datetime.now() - t0).total_seconds()
+    print(f"\nmulti_run: first {first_s:.0f}s, -resume {second_s:.0f}s", file=sys.stderr)
+    return root, first, second
+
+
+@requires_engine
+def test_multi_dataset_run(multi_run):
+    import anndata as ad
+    import numpy as np
+
+    root, first, _ = multi_run
+    assert_ok(first)
+    out = root / "out"
+    rows = read_trace(out, "first")
+    assert {r["status"] for r in rows} == {"COMPLETED"}
+    names = [simple_name(r) for r in rows]
+    assert names.count("VALIDATE") == 1 and names.count("PREPARE_SPECIES") == 2  # shared per species
+    assert names.count("MERGE") == 3 and names.count("REPORT") == 1
+
+    shards = 0
+    for sample, species in (("pbmc_a", "human"), ("pbmc_b", "human"), ("mouse", "mouse")):
+        stats = json.loads((out / sample / f"{sample}.preprocess.json").read_text())
+        a = ad.read_h5ad(out / sample / f"{sample}_uce_adata.h5ad")
+        check_output(a, stats["cells_kept"], species)
+        n = math.ceil(stats["cells_kept"] / 300)
+        assert a.uns["uce"]["n_shards"] == n
+        assert sum(1 for r in rows if simple_name(r) == "EMBED" and r["tag"].startswith(sample + ".shard-")) == n
+        shards += n
+    assert names.count("EMBED") == shards and shards > 3
+
+    a = ad.read_h5ad(out / "pbmc_a" / "pbmc_a_uce_adata.h5ad")
+    b = ad.read_h5ad(out / "pbmc_b" / "pbmc_b_uce_adata.h5ad")
+    assert np.array_equal(a.obsm["X_uce"], b.obsm["X_uce"]), "same input and seed -> same embeddings"
+
+    # VALIDATE gates every other task
+    when = lambda r, k: datetime.strptime(r[k], "%Y-%m-%d %H:%M:%S.%f")  # noqa: E731
+    validate = next(r for r in rows if simple_name(r) == "VALIDATE")
+    assert all(when(r, "submit") >= when(validate, "complete") for r in rows if r is not validate)
+
+    assert any((out / "report").glob("*.html")), "report/ has an HTML report"
+    check_pipeline_info(out, "first")
+
+
+@requires_engine
+def test_resume_reuses_every_task(multi_run):
+    root, first, second = multi_run
+    assert_ok(first)
+    assert_ok(second)
+    rows1, rows2 = read_trace(root / "out", "first"), read_trace(root / "out", "second")
+    assert len(rows2) == len(rows1)
+    assert {r["status"] for r in rows2} == {"CACHED"}, [(r["name"], r["status"]) for r in rows2]
+    assert sorted(r["hash"] for r in rows2) == sorted(r["hash"] for r in rows1)
+    assert "Submitted process" not in second.stdout
+
+
+def check_output(a, n_cells: int, species: str) -> None:
+    import numpy as np
+
+    assert a.n_obs == n_cells
+    x = a.obsm["X_uce"]
+    assert x.dtype == np.float32 and x.shape[0] == n_cells and np.isfinite(x).all()
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    uce = a.uns["uce"]
+    assert uce["species"] == species and int(uce["seed"]) == 0 and int(uce["batch_size"]) == 25
+
+
+@pytest.fixture(scope="module")
+def compat_run(tmp_path_factory):
+    """The plain test profile (default samplesheet: the pbmc demo, 3 shards) in compat mode."""
+    ensure_demo()
+    root = tmp_path_factory.mktemp("compat")
+    r = run_pipeline(root, "--outdir", str(root / "out"), "--compat", "reference", "--trace_report_suffix", "run")
+    return root, r
+
+
+def uce_run(out: Path, compat: str) -> Path:
+    """The same dataset through `uce run` (one process, one shard)."""
+    path = out / f"uce_run_{compat}.h5ad"
+    if not path.exists():
+        r = subprocess.run([sys.executable, "-m", "uce_nf.cli", "run", "--input", str(PBMC), "--species", "human",
+                            "--model-dir", str(MODEL_DIR), "--compat", compat, "--seed", "0", "--batch-size", "25",
+                            "--output", str(path)], capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stderr[-4000:]
+    return path
+
+
+@requires_engine
+def test_compat_run_equals_uce_run(compat_run):
+    """Sharded pipeline (3 EMBED tasks) == unsharded `uce run`, bit for bit, in compat mode."""
+    import anndata as ad
+    import numpy as np
+
+    root, r = compat_run
+    assert_ok(r)
+    out = root / "out"
+    rows = read_trace(out, "run")
+    assert sum(simple_name(x) == "EMBED" for x in rows) == 3
+    a = ad.read_h5ad(out / "pbmc_demo" / "pbmc_demo_uce_adata.h5ad")
+    stats = json.loads((out / "pbmc_demo" / "pbmc_demo.preprocess.json").read_text())
+    check_output(a, stats["cells_kept"], "human")
+    assert a.uns["uce"]["compat"] == "reference" and a.uns["uce"]["n_shards"] == 3
+    ref = ad.read_h5ad(uce_run(root, "reference"))
+    assert list(a.obs_names) == list(ref.obs_names)
+    assert np.array_equal(a.obsm["X_uce"], ref.obsm["X_uce"])
+
+
+@requires_engine
+def test_default_mode_sharded_equals_unsharded(multi_run):
+    """Default mode: pbmc_a (3 EMBED tasks) == `uce run` (one shard)."""
+    import anndata as ad
+    import numpy as np
+
+    root, first, _ = multi_run
+    assert_ok(first)
+    a = ad.read_h5ad(root / "out" / "pbmc_a" / "pbmc_a_uce_adata.h5ad")
+    ref = ad.read_h5ad(uce_run(root, "none"))
+    assert a.uns["uce"]["n_shards"] > 1 and ref.uns["uce"]["n_shards"] == 1
+    assert list(a.obs_names) == list(ref.obs_names)
+    np.testing.assert_allclose(a.obsm["X_uce"], ref.obsm["X_uce"], rtol=0, atol=1e-6)
