@@ -16,6 +16,7 @@
 #        UCE_NF_REQUIRE_PODMAN  1: podman being unusable is an error (exit 1), not a skip (exit 0)
 #        UCE_NF_BASE=pull       pull the real base image instead of debootstrap (needs a registry)
 #        DEBIAN_MIRROR          debootstrap mirror (default http://deb.debian.org/debian)
+#        UCE_NF_PRUNE=0         keep dangling images (default: prune them after a build)
 #
 # Machine-readable lines on stdout (the tests parse them):
 #   UCE_NF_PODMAN=unavailable: <reason>      podman cannot run here; exit 0 (tests skip)
@@ -175,6 +176,11 @@ seconds=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
 size=$(podman image inspect --format '{{.Size}}' "$image")
 human=$(awk -v s="$size" 'BEGIN { printf "%.2f GB", s / 1e9 }')
 log "built $image in ${seconds} s; image size $human ($size bytes)"
+# Drop dangling images (earlier builds of this tag, throw-away test builds): every torch layer
+# is 6+ GB. The current build's cache layers are not dangling and stay. UCE_NF_PRUNE=0 keeps all.
+if [ "${UCE_NF_PRUNE:-1}" = 1 ]; then
+  podman image prune -f >/dev/null 2>&1 || log "warning: podman image prune failed"
+fi
 printf '{"image": "%s", "build_seconds": %s, "size_bytes": %s, "version": "%s", "revision": "%s"}\n' \
   "$image" "$seconds" "$size" "$version" "$revision" > "$pdir/last_build.json"
 echo "UCE_NF_PODMAN=ok image=$image build_seconds=$seconds size_bytes=$size containers_conf=$conf"
