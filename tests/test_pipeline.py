@@ -135,6 +135,21 @@ def test_stub_resume_all_cached(stub_run):
     assert {r["status"] for r in rows} == {"CACHED"}
 
 
+def test_stub_download_model_files(tmp_path):
+    """--download_model_files fills --model_dir (which need not exist) and later runs reuse it."""
+    sheet, _ = make_fake_inputs(tmp_path)
+    models = tmp_path / "downloaded" / "model_files"
+    args = ["-stub-run", "--input", str(sheet), "--download_model_files", "--model_dir", str(models),
+            "--outdir", str(tmp_path / "out")]
+    first = run_pipeline(tmp_path, *args)
+    assert_ok(first)
+    assert "Submitted process > UCE:DOWNLOAD_MODEL_FILES" in first.stdout
+    assert (models / "4layer_model.torch").exists() and (models / "protein_embeddings").is_dir()
+    second = run_pipeline(tmp_path, *args)
+    assert_ok(second)
+    assert "Stored process > UCE:DOWNLOAD_MODEL_FILES" in second.stdout
+
+
 def check_pipeline_info(out: Path, suffix: str) -> None:
     info = out / "pipeline_info"
     for name in (f"execution_timeline_{suffix}.html", f"execution_report_{suffix}.html",

@@ -42,9 +42,10 @@ workflow UCE {
     def model_name = params.model.toString().tokenize('/')[-1]
     def model_path = params.model.toString().contains('/') ? file(params.model.toString(), checkIfExists: true) : null
     if (asBool(params.download_model_files)) {
-        DOWNLOAD_MODEL_FILES([id: 'model_files', model: model_name])
-        ch_model_dir = DOWNLOAD_MODEL_FILES.out.model_dir.map { meta, dir -> dir }.first()
-        ch_versions = ch_versions.mix(DOWNLOAD_MODEL_FILES.out.versions)
+        // into --model_dir when given (kept for later runs), else <outdir>/model_files
+        def dest = file(params.model_dir ? params.model_dir.toString() : "${params.outdir}/model_files")
+        DOWNLOAD_MODEL_FILES([id: dest.name, name: dest.name, store_dir: dest.parent.toUriString(), model: model_name])
+        ch_model_dir = DOWNLOAD_MODEL_FILES.out.model_dir.map { meta, dir -> dir }
     } else {
         ch_model_dir = channel.value(file(params.model_dir.toString(), checkIfExists: true))
     }

@@ -1,6 +1,8 @@
-// Downloads the official UCE model files (figshare) into model_files/ in the official
-// layout. Optional (--download_model_files): the weights are large and their licence is
-// unconfirmed, so they are never shipped with the pipeline or its container.
+// Downloads the official UCE model files (figshare) in the official layout. Optional
+// (--download_model_files): the weights are large and their licence is unconfirmed, so
+// they are never shipped with the pipeline or its container. meta.name is the folder to
+// fill and meta.store_dir its parent: storeDir (conf/modules.config) keeps the folder there
+// and skips the download in later runs once it is complete.
 process DOWNLOAD_MODEL_FILES {
     tag "${meta.id}"
     label 'process_single'
@@ -10,32 +12,20 @@ process DOWNLOAD_MODEL_FILES {
     val(meta)
 
     output:
-    tuple val(meta), path('model_files', type: 'dir'), emit: model_dir
-    path 'versions.yml'                              , emit: versions
+    // No versions.yml: storeDir would leave it next to the user's model folder.
+    tuple val(meta), path("${meta.name}", type: 'dir'), emit: model_dir
 
     script:
     def args = task.ext.args ?: ''
     """
     uce-download-model-files \\
         ${args} \\
-        --dest model_files
-
-    cat <<-END_VERSIONS > versions.yml
-    "${task.process}":
-        uce-nf: \$(python3 -c 'import uce_nf; print(uce_nf.__version__)')
-        python: \$(python3 --version | sed 's/Python //')
-    END_VERSIONS
+        --dest ${meta.name}
     """
 
     stub:
     """
-    mkdir -p model_files/protein_embeddings
-    touch model_files/species_chrom.csv model_files/species_offsets.pkl model_files/all_tokens.torch model_files/${meta.model}
-
-    cat <<-END_VERSIONS > versions.yml
-    "${task.process}":
-        uce-nf: \$(python3 -c 'import uce_nf; print(uce_nf.__version__)' 2>/dev/null || echo stub)
-        python: \$(python3 --version | sed 's/Python //')
-    END_VERSIONS
+    mkdir -p ${meta.name}/protein_embeddings
+    touch ${meta.name}/species_chrom.csv ${meta.name}/species_offsets.pkl ${meta.name}/all_tokens.torch ${meta.name}/${meta.model}
     """
 }

@@ -1,5 +1,6 @@
-// One HTML report over all datasets: cell/gene counts, filter statistics, embedding
-// norms and a 2-D view coloured by --color_by.
+// One HTML report over all datasets (report/uce_report.html: cell/gene counts, filter
+// statistics, embedding checks, 2-D maps coloured by --color_by), plus MultiQC custom
+// content (uce_mqc.json) and a JSON summary.
 process REPORT {
     tag "${meta.id}"
     label 'process_single'
@@ -33,6 +34,8 @@ process REPORT {
     """
     mkdir -p report
     touch report/uce_report.html
+    echo '{}' > report/uce_mqc.json
+    echo '{}' > report/uce_summary.json
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":

@@ -48,8 +48,9 @@ def isLocalPath(p) {
     return !(p.toString() ==~ /^[a-zA-Z][a-zA-Z0-9+.-]*:\/\/.*/) || p.toString().startsWith('file://')
 }
 
-// Error message for one param, or null when the value is fine.
-def checkParam(name, prop, value) {
+// Error message for one param, or null when the value is fine. check_exists: false skips
+// the existence check of file-path/directory-path params (e.g. a folder still to be filled).
+def checkParam(name, prop, value, check_exists) {
     def flag = "--${name}"
     def example = prop.default != null ? " (default: ${prop.default})" : ''
     if (isBlank(value)) {
@@ -91,7 +92,7 @@ def checkParam(name, prop, value) {
     if (prop.pattern && !(s ==~ prop.pattern)) {
         return "${flag} '${s}' does not match ${prop.pattern}: ${prop.description ?: ''}".trim()
     }
-    if (prop.exists && isLocalPath(s)) {
+    if (prop.exists && check_exists && isLocalPath(s)) {
         def f = file(s)
         if (prop.format == 'directory-path' && !f.isDirectory()) {
             return "${flag} '${s}': directory not found (${f}); pass an existing directory"
@@ -109,14 +110,15 @@ def checkParam(name, prop, value) {
 def validateParameters(schema_path, values) {
     def props = schemaParams(schema_path)
     def errors = []
+    // --download_model_files fills --model_dir: it need not exist yet
+    def download = asBool(values.download_model_files)
     props.each { name, prop ->
-        def msg = checkParam(name, prop, values.get(name))
+        def msg = checkParam(name, prop, values.get(name), !(download && name == 'model_dir'))
         if (msg) {
             errors << msg
         }
     }
     // model_dir: required unless the official files are downloaded by the run
-    def download = asBool(values.download_model_files)
     if (!download && isBlank(values.model_dir)) {
         errors << "--model_dir is required: the folder with the UCE model files (official layout); pass --model_dir <dir> or --download_model_files"
     }
