@@ -160,6 +160,11 @@ fi
 
 # --- 4. the pipeline image -----------------------------------------------------------------
 revision=$(git -C "$here" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+# "-dirty" when the image's inputs differ from that commit (uncommitted or untracked files).
+inputs=(src bin pyproject.toml envs/requirements.txt containers/Dockerfile)
+if [ "$revision" != unknown ] && [ -n "$(git -C "$here" status --porcelain -- "${inputs[@]}" 2>/dev/null)" ]; then
+  revision=$revision-dirty
+fi
 args=(build --layers --network host
       -f "$here/containers/Dockerfile"
       --build-arg "VERSION=$version" --build-arg "REVISION=$revision"
