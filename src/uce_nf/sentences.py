@@ -55,7 +55,7 @@ def _assemble(genes: np.ndarray, gene_chrom: np.ndarray, order: np.ndarray, inde
     """Write the sentence: CLS, then per chromosome in `order` its token, its genes, CHROM_CLOSE.
     `genes` are grouped by chromosome in ascending code order (gene_chrom sorted), each group already
     in its final order; `order` is a permutation of the distinct codes."""
-    codes, first, counts = np.unique(gene_chrom, return_index=True, return_counts=True)
+    codes, first, counts = _groups(gene_chrom)
     rank = np.searchsorted(codes, order)  # ascending group index of each chromosome in output order
     span = np.empty(len(codes), dtype=np.int64)
     span[rank] = np.cumsum(counts[rank] + 2) - (counts[rank] + 2) + 1  # output start of each group
@@ -66,6 +66,46 @@ def _assemble(genes: np.ndarray, gene_chrom: np.ndarray, order: np.ndarray, inde
     g = np.repeat(np.arange(len(codes)), counts)
     out[span[g] + 1 + np.arange(len(genes)) - first[g]] = index["token_id"][genes]
     return out
+
+
+def _groups(sorted_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """np.unique(..., return_index=True, return_counts=True) for an already sorted array."""
+    first = np.flatnonzero(np.concatenate(([True], sorted_codes[1:] != sorted_codes[:-1])))
+    return sorted_codes[first], first, np.diff(np.append(first, len(sorted_codes)))
+
+
+def prepare_index(index: dict) -> dict:
+    """The index plus what the samplers precompute once: `ties` (tie_genes), `key` (chromosome,
+    start as one int64) and the genes' global order by (chromosome, start, token): `order` lists the
+    genes in that order and `rank` is each gene's position in it, so sorting a cell's draws is one
+    integer sort (np.sort(rank[choice])) instead of a multi-key sort."""
+    chrom, start = index["chrom"].astype(np.int64), index["start"]
+    order = np.lexsort((index["token_id"], start, chrom))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return {**index, "ties": tie_genes(index), "key": chrom << 40 | start, "order": order, "rank": rank}
+
+
+def _sorted_by_position(choice: np.ndarray, index: dict) -> np.ndarray:
+    """The draws ordered by (chromosome, start, token); draws of equal key carry equal tokens."""
+    if "rank" in index:
+        return index["order"][np.sort(index["rank"][choice])]
+    chrom = index["chrom"][choice].astype(np.int64)
+    return choice[np.lexsort((index["token_id"][choice], index["start"][choice], chrom))]
+
+
+def _distinct_tokens_tie(choice: np.ndarray, index: dict) -> bool:
+    """Whether two *different* tokens were drawn at one (chromosome, start): only then can the order
+    of the reference's unstable argsort show in the sentence."""
+    t = index["ties"][choice]
+    if not t.any():
+        return False
+    sel = choice[t]
+    key = index["key"][sel] if "key" in index else index["chrom"][sel].astype(np.int64) << 40 | index["start"][sel]
+    tok = index["token_id"][sel]
+    o = np.lexsort((tok, key))
+    key, tok = key[o], tok[o]
+    return bool(np.any((key[1:] == key[:-1]) & (tok[1:] != tok[:-1])))
 
 
 def tie_genes(index: dict) -> np.ndarray:
@@ -85,13 +125,14 @@ def reference_sentence(rs: np.random.RandomState, cols: np.ndarray, counts: np.n
     cdf /= cdf[-1]
     choice = cols[np.searchsorted(cdf, rs.random_sample(sample_size), side="right")]
     chrom, start = index["chrom"], index["start"]
-    if index.get("ties") is not None and not index["ties"][choice].any():
-        # No start ties between different tokens: a stable sort by (chromosome, start) gives the
-        # same tokens as the reference's per-chromosome argsorts, in one vectorised pass.
-        choice = choice[np.argsort(chrom[choice].astype(np.int64) << 40 | start[choice], kind="stable")]
-        uq = np.unique(chrom[choice])
+    if index.get("ties") is not None and not _distinct_tokens_tie(choice, index):
+        # No two different tokens drawn at one start: sorting by (chromosome, start) gives the same
+        # tokens as the reference's per-chromosome argsorts, in one vectorised pass.
+        genes = _sorted_by_position(choice, index)
+        gene_chrom = chrom[genes]
+        uq = _groups(gene_chrom)[0].copy()  # = np.unique(new_chrom)
         rs.shuffle(uq)
-        return _assemble(choice, chrom[choice], uq, index)
+        return _assemble(genes, gene_chrom, uq, index)
     choice = choice[np.argsort(chrom[choice])]  # quicksort on pandas' code dtype, as the reference
     new_chrom = chrom[choice]
     chosen_starts = start[choice]
@@ -114,9 +155,9 @@ def context_free_sentence(rng: np.random.Generator, cols: np.ndarray, counts: np
     (start, token) with a stable sort so ties never depend on the platform's sort."""
     cdf = np.cumsum(np.log1p(counts.astype(np.float64)))
     choice = cols[np.searchsorted(cdf, rng.random(sample_size) * cdf[-1], side="right")]
-    chrom = index["chrom"][choice]
-    genes = choice[np.lexsort((index["token_id"][choice], index["start"][choice], chrom))]
-    return _assemble(genes, index["chrom"][genes], rng.permutation(np.unique(chrom)), index)
+    genes = _sorted_by_position(choice, index)
+    gene_chrom = index["chrom"][genes]
+    return _assemble(genes, gene_chrom, rng.permutation(_groups(gene_chrom)[0]), index)
 
 
 def _truncated_counts(m: sp.csr_matrix) -> sp.csr_matrix:
@@ -150,7 +191,7 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
     t0 = time.time()
     out_dir = Path(out_dir)
     rs = np.random.RandomState(seed) if compat else None
-    index = {**index, "ties": tie_genes(index)}
+    index = prepare_index(index)
     paths = []
     with open_h5ad(adata_path) as f:
         X = H5Matrix(f["X"])
