@@ -6,7 +6,6 @@ User errors print one line (what, where, how to fix) and exit with status 2.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import tempfile
@@ -17,23 +16,12 @@ import click
 import numpy as np
 
 from . import __version__
-from .io import UserError, save_npz, write_json
+from .io import handle_errors, save_npz, write_json
 
 log = logging.getLogger("uce_nf")
 CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
 PathIn = click.Path(exists=True, dir_okay=False, path_type=Path)
 PathOut = click.Path(dir_okay=False, path_type=Path)
-
-
-def handle_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*a, **k):
-        try:
-            return fn(*a, **k)
-        except UserError as e:
-            click.echo(f"ERROR: {e}", err=True)
-            sys.exit(2)
-    return wrapper
 
 
 def model_file_options(fn):

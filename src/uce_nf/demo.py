@@ -100,6 +100,7 @@ import scipy.sparse as sp
 import torch
 
 from .io import UserError
+from .model_files import PROTEIN_EMBEDDING_FILES
 
 __all__ = [
     "SPECIES",
@@ -130,17 +131,6 @@ SPECIES = (
     "zebrafish",
 )
 
-#: Official file names inside ``model_files/protein_embeddings/`` (uce-reference §3.6).
-PROTEIN_EMBEDDING_FILES = {
-    "human": "Homo_sapiens.GRCh38.gene_symbol_to_embedding_ESM2.pt",
-    "mouse": "Mus_musculus.GRCm39.gene_symbol_to_embedding_ESM2.pt",
-    "frog": "Xenopus_tropicalis.Xenopus_tropicalis_v9.1.gene_symbol_to_embedding_ESM2.pt",
-    "zebrafish": "Danio_rerio.GRCz11.gene_symbol_to_embedding_ESM2.pt",
-    "mouse_lemur": "Microcebus_murinus.Mmur_3.0.gene_symbol_to_embedding_ESM2.pt",
-    "pig": "Sus_scrofa.Sscrofa11.1.gene_symbol_to_embedding_ESM2.pt",
-    "macaca_fascicularis": "Macaca_fascicularis.Macaca_fascicularis_6.0.gene_symbol_to_embedding_ESM2.pt",
-    "macaca_mulatta": "Macaca_mulatta.Mmul_10.gene_symbol_to_embedding_ESM2.pt",
-}
 
 OFFICIAL_TOKEN_ROWS = 143_574
 OFFICIAL_TABLE_ROWS = 145_469

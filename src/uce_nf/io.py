@@ -19,6 +19,23 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit status 2, no traceback."""
 
 
+def handle_errors(fn):
+    """Decorator for click commands: a UserError becomes `ERROR: <one line>` and exit status 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        import sys
+
+        import click
+        try:
+            return fn(*a, **k)
+        except UserError as e:
+            click.echo(f"ERROR: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it to `final` only if the block succeeds.

@@ -42,14 +42,12 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as dt
-import functools
 import html
 import io
 import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .io import UserError, atomic_path
+from .io import UserError, atomic_path, handle_errors
 
 try:
     from anndata.io import read_elem
@@ -815,17 +813,6 @@ def build_report(adatas: list[Path], output_dir: Path, *, color_by: tuple[str, .
     return summ
 
 
-def _handle_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*a, **k):
-        try:
-            return fn(*a, **k)
-        except UserError as e:
-            click.echo(f"ERROR: {e}", err=True)
-            sys.exit(2)
-    return wrapper
-
-
 @click.command("report", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--adata", "adatas", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               required=True, help=f"Final <sample>{SUFFIX} (repeat for each sample).")
@@ -842,7 +829,7 @@ def _handle_errors(fn):
               help="2-D map: pca (seconds) or umap (umap-learn; minutes on large samples, falls back to PCA).")
 @click.option("--max-map-cells", type=click.IntRange(2), default=MAP_CELLS, help="Cells sampled for each map.")
 @click.option("--seed", type=int, default=0, help="Seed of the cell samples (cosine, map).")
-@_handle_errors
+@handle_errors
 def report_command(adatas, output_dir, color_by, collapse_threshold, trace_path, map_method, max_map_cells, seed):
     """One HTML report over all samples (+ MultiQC custom content and a JSON summary)."""
     build_report(list(adatas), output_dir, color_by=tuple(color_by), collapse_threshold=collapse_threshold,
