@@ -49,7 +49,10 @@ def resolveH5ad(sheet, value) {
 // Returns [[meta, h5ad], ...] in samplesheet order; meta = [id, species] plus the
 // optional columns that have a value.
 def parseSamplesheet(sheet_path) {
-    def sheet = file(sheet_path)
+    if (!sheet_path || sheet_path instanceof Boolean) {
+        error("Invalid parameter: --input is required: the samplesheet CSV (sample,h5ad,species); pass --input <samplesheet.csv>")
+    }
+    def sheet = file(sheet_path.toString())
     def cols = samplesheetColumns()
     def expected = cols.required.join(',')
     if (!sheet.exists()) {
