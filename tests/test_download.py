@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from uce_nf import download as dl
 from uce_nf.download import DownloadError, Known, download_model_files_command, fetch, safe_extract_tar
+from uce_nf.download_http import _Progress
 
 PE_NAMES = [
     "Homo_sapiens.GRCh38.gene_symbol_to_embedding_ESM2.pt",
@@ -300,7 +301,7 @@ def test_urls_and_progress_bar():
         dl.model_file_urls("4layer", urls={"nope": "http://x"})
 
     stream = io.StringIO()
-    p = dl._Progress("f.bin", 0, 1000, stream=stream, tty=True)
+    p = _Progress("f.bin", 0, 1000, stream=stream, tty=True)
     p.last = -1e9
     p.update(500)
     p.close()
