@@ -187,6 +187,7 @@ def multi_run(tmp_path_factory):
     return root, first, second
 
 
+@pytest.mark.slow
 @requires_engine
 def test_multi_dataset_run(multi_run):
     import anndata as ad
@@ -225,6 +226,7 @@ def test_multi_dataset_run(multi_run):
     check_pipeline_info(out, "first")
 
 
+@pytest.mark.slow
 @requires_engine
 def test_resume_reuses_every_task(multi_run):
     root, first, second = multi_run
@@ -268,6 +270,7 @@ def uce_run(out: Path, compat: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @requires_engine
 def test_compat_run_equals_uce_run(compat_run):
     """Sharded pipeline (3 EMBED tasks) == unsharded `uce run`, bit for bit, in compat mode."""
@@ -288,6 +291,7 @@ def test_compat_run_equals_uce_run(compat_run):
     assert np.array_equal(a.obsm["X_uce"], ref.obsm["X_uce"])
 
 
+@pytest.mark.slow
 @requires_engine
 def test_default_mode_sharded_equals_unsharded(multi_run):
     """Default mode: pbmc_a (3 EMBED tasks) == `uce run` (one shard)."""
