@@ -1,0 +1,213 @@
+"""Benchmark tasks, each run in its own subprocess by bench/run_bench.py (so peak RSS is per task):
+
+    python bench/tasks.py TASK '{"json": "arguments"}'
+
+prints one line `RESULT {json}` with the timed section's seconds and cells. Timings cover the work
+only (imports and model loading are excluded and reported apart where they matter); the reference
+pieces are driven exactly as tests/reference_oracle.py drives them (uce-model 0.1.4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of its waited-for children (pool workers)."""
+    import resource
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _ref_args(sd_or_table_rows: int, n_cat: int, token_dim: int) -> Namespace:
+    return Namespace(pad_length=1536, sample_size=1024, cls_token_idx=3, chrom_token_right_idx=2, pad_token_idx=0,
+                     CHROM_TOKEN_OFFSET=sd_or_table_rows - n_cat, token_dim=token_dim)
+
+
+def ref_prepare(h5ad: str, model_dir: str, workdir: str, species: str = "human") -> dict:
+    """The reference's preprocessing + index generation (process_raw_anndata, dense int64 memmap,
+    adata_path_to_prot_chrom_starts), as eval_single_anndata runs them; leaves the files the
+    reference's dataset reads in `workdir`."""
+    from uce.data_proc.data_utils import adata_path_to_prot_chrom_starts, get_spec_chrom_csv, get_species_to_pe, process_raw_anndata
+    import pandas as pd
+    workdir = Path(workdir)
+    (workdir / "model_files").mkdir(parents=True, exist_ok=True)
+    link = workdir / "model_files" / "protein_embeddings"
+    if not link.exists():
+        link.symlink_to(Path(model_dir).resolve() / "protein_embeddings")
+    (workdir / "data").mkdir(exist_ok=True)
+    shutil.copyfile(h5ad, workdir / "data" / Path(h5ad).name)
+    name = Path(h5ad).name.removesuffix(".h5ad")
+    out = str(workdir) + "/"
+    os.chdir(workdir)
+    t0, c0 = time.perf_counter(), _cpu()
+    row = pd.Series(dtype=object)
+    row.path, row.covar_col, row.species = Path(h5ad).name, np.nan, species
+    adata, n_cells, n_genes = process_raw_anndata(row, out, out, "", False, True, root=str(workdir / "data"))
+    t1 = time.perf_counter()
+    species_to_pe = get_species_to_pe(str(Path(model_dir) / "protein_embeddings"))
+    with open(Path(model_dir) / "species_offsets.pkl", "rb") as f:
+        offsets = pickle.load(f)
+    chroms_csv = get_spec_chrom_csv(str(Path(model_dir) / "species_chrom.csv"))
+    pe_idx, chroms, starts = adata_path_to_prot_chrom_starts(adata, species, list(species_to_pe[species].keys()),
+                                                             chroms_csv, offsets[species])
+    torch.save({name: pe_idx}, out + f"{name}_pe_idx.torch")
+    with open(out + f"{name}_chroms.pkl", "wb") as f:
+        pickle.dump({name: chroms}, f)
+    with open(out + f"{name}_starts.pkl", "wb") as f:
+        pickle.dump({name: starts}, f)
+    (workdir / "meta.json").write_text(json.dumps({"name": name, "n_cells": n_cells, "n_genes": n_genes,
+                                                   "n_cat": len(chroms_csv["spec_chrom"].cat.categories)}))
+    return {"cells": int(n_cells), "genes": int(n_genes), "seconds_preprocess": t1 - t0,
+            "seconds_index": time.perf_counter() - t1}
+
+
+def ref_sentences(workdir: str, model_dir: str, n_cells: int, seed: int = 0, save: str | None = None) -> dict:
+    """The reference sampler: MultiDatasetSentences.__getitem__ (dense int64 memmap row -> torch
+    log1p weights -> np.random.choice -> chromosome grouping/shuffle) for the first n_cells, in
+    cell order from one np.random.seed(seed) stream, as its DataLoader (num_workers=0) does."""
+    from uce.eval_data import MultiDatasetSentences
+    os.chdir(workdir)
+    meta = json.loads((Path(workdir) / "meta.json").read_text())
+    name, out = meta["name"], str(workdir) + "/"
+    table_rows = torch.load(Path(model_dir) / "all_tokens.torch").shape[0]  # demo table = checkpoint's pe_embedding
+    args = _ref_args(table_rows, meta["n_cat"], 0)
+    ds = MultiDatasetSentences(sorted_dataset_names=[name], shapes_dict={name: (meta["n_cells"], meta["n_genes"])},
+                               args=args, npzs_dir=out, dataset_to_protein_embeddings_path=out + f"{name}_pe_idx.torch",
+                               datasets_to_chroms_path=out + f"{name}_chroms.pkl",
+                               datasets_to_starts_path=out + f"{name}_starts.pkl")
+    n = min(n_cells, meta["n_cells"])
+    np.random.seed(seed)
+    items = []
+    t0, c0 = time.perf_counter(), _cpu()
+    for i in range(n):
+        items.append(ds[i])
+    dt, cpu = time.perf_counter() - t0, _cpu() - c0
+    if save:
+        sents = [it[0][0, : int(it[3])].long().numpy().astype(np.uint32) for it in items]
+        lengths = np.array([len(s) for s in sents])
+        np.savez(save, tokens=np.concatenate(sents), offsets=np.concatenate([[0], np.cumsum(lengths)]))
+    return {"cells": n, "genes": int(meta["n_genes"]), "seconds": dt, "task_cpu_s": cpu, "cells_per_s": n / dt}
+
+
+def our_sentences(adata: str, index: str, out_dir: str, compat: bool, workers: int, seed: int = 0,
+                  shard_size: int = 100_000, batch_size: int = 25) -> dict:
+    from uce_nf.sentences import write_sentences
+    from uce_nf.tokens import load_index
+    import h5py
+    with h5py.File(adata, "r") as f:
+        n = int(f["X"].attrs["shape"][0])
+        n_genes = int(f["X"].attrs["shape"][1])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    idx = load_index(Path(index))
+    t0, c0 = time.perf_counter(), _cpu()
+    paths = write_sentences(Path(adata), idx, Path(out_dir), "bench", seed=seed, compat=compat, batch_size=batch_size,
+                            shard_size=shard_size, workers=workers)
+    dt, cpu = time.perf_counter() - t0, _cpu() - c0
+    return {"cells": n, "genes": n_genes, "seconds": dt, "task_cpu_s": cpu, "cells_per_s": n / dt, "shards": [str(p) for p in paths]}
+
+
+def _subset(s: dict, n: int) -> dict:
+    n = min(n, len(s["offsets"]) - 1)
+    return {"tokens": s["tokens"][: s["offsets"][n]], "offsets": s["offsets"][: n + 1], "cell_index": s["cell_index"][:n]}
+
+
+def ref_forward(model_dir: str, sentences: str, n_cells: int, batch_size: int, model: str = "4layer_model.torch",
+                save: str | None = None, threads: int | None = None) -> dict:
+    """The reference forward as eval_single_anndata runs it: float32 token/mask batches of consecutive
+    cells truncated to the batch maximum, pe_embedding lookup, L2 normalise, TransformerModel.forward
+    (fp32, eval, no_grad), CLS of the decoder output."""
+    from torch import nn
+    from uce.model import TransformerModel
+    from uce_nf.sentences import load_sentences
+    if threads:
+        torch.set_num_threads(threads)
+    sd = torch.load(Path(model_dir) / model, map_location="cpu")
+    table = sd["pe_embedding.weight"]
+    d_model, token_dim = sd["encoder.0.weight"].shape
+    nlayers = len({k.split(".")[2] for k in sd if k.startswith("transformer_encoder.layers.")})
+    m = TransformerModel(token_dim=token_dim, d_model=d_model, nhead=max(1, d_model // 64),
+                         d_hid=sd["transformer_encoder.layers.0.linear1.weight"].shape[0], nlayers=nlayers,
+                         output_dim=sd["decoder.3.weight"].shape[0], dropout=0.05)
+    m.pe_embedding = nn.Embedding.from_pretrained(torch.zeros_like(table))
+    m.load_state_dict(sd, strict=True)
+    m.eval()
+    s = _subset(load_sentences(Path(sentences)), n_cells)
+    n = len(s["offsets"]) - 1
+    lengths = np.diff(s["offsets"])
+    embeds = []
+    t0, c0 = time.perf_counter(), _cpu()
+    with torch.no_grad():
+        for b in range(0, n, batch_size):
+            rows = range(b, min(b + batch_size, n))
+            L = int(lengths[b:b + batch_size].max())
+            bs = torch.zeros((len(rows), L))
+            mask = torch.zeros((len(rows), L))
+            for j, r in enumerate(rows):  # the collator: float32 ids and masks, truncated to the batch max
+                tok = torch.from_numpy(s["tokens"][s["offsets"][r]:s["offsets"][r + 1]].astype(np.int64))
+                bs[j, : len(tok)] = tok.float()
+                mask[j, : len(tok)] = 1
+            x = m.pe_embedding(bs.permute(1, 0).long())
+            x = nn.functional.normalize(x, dim=2)
+            _, emb = m.forward(x, mask=mask)
+            embeds.append(emb.numpy())
+    dt, cpu = time.perf_counter() - t0, _cpu() - c0
+    if save:
+        np.save(save, np.vstack(embeds))
+    return {"cells": n, "seconds": dt, "task_cpu_s": cpu, "cells_per_s": n / dt, "mean_length": float(lengths.mean()),
+            "threads": torch.get_num_threads()}
+
+
+def our_forward(model_dir: str, species_file: str, sentences: str, n_cells: int, batch_size: int, compat: bool,
+                precision: str = "fp32", model: str = "4layer_model.torch", save: str | None = None,
+                threads: int | None = None, compile: bool = False) -> dict:
+    from uce_nf.embed import EmbedSettings, Embedder
+    from uce_nf.sentences import load_sentences
+    from uce_nf.species import load_species
+    if threads:
+        torch.set_num_threads(threads)
+    sd = torch.load(Path(model_dir) / model, map_location="cpu", mmap=True)
+    emb = Embedder(sd, load_species(Path(species_file)), EmbedSettings(compat, batch_size, precision, "cpu", compile))
+    s = _subset(load_sentences(Path(sentences)), n_cells)
+    n = len(s["offsets"]) - 1
+    t0, c0 = time.perf_counter(), _cpu()
+    out = emb.embed(s)
+    dt, cpu = time.perf_counter() - t0, _cpu() - c0
+    if save:
+        np.save(save, out)
+    return {"cells": n, "seconds": dt, "task_cpu_s": cpu, "cells_per_s": n / dt, "mean_length": float(np.diff(s["offsets"]).mean()),
+            "threads": torch.get_num_threads()}
+
+
+def ref_e2e(h5ad: str, model_dir: str, workdir: str, seed: int = 0, batch_size: int = 25, save: str | None = None) -> dict:
+    """The whole reference flow (eval_single_anndata equivalent, seeded once): tests/reference_oracle.py."""
+    from reference_oracle import run_reference
+    t0, c0 = time.perf_counter(), _cpu()
+    r = run_reference(Path(h5ad), Path(model_dir), Path(workdir), seed=seed, batch_size=batch_size)
+    dt, cpu = time.perf_counter() - t0, _cpu() - c0
+    if save:
+        np.savez(save, embeddings=r["embeddings"], obs_names=r["obs_names"].astype(str))
+    n = len(r["embeddings"])
+    return {"cells": n, "seconds": dt, "task_cpu_s": cpu, "cells_per_s": n / dt}
+
+
+TASKS = {f.__name__: f for f in (ref_prepare, ref_sentences, our_sentences, ref_forward, our_forward, ref_e2e)}
+
+if __name__ == "__main__":
+    import warnings
+    warnings.filterwarnings("ignore")
+    result = TASKS[sys.argv[1]](**json.loads(sys.argv[2]))
+    print("RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,48 @@
+"""Smoke checks of the benchmark harness (bench/), fast (< 30 s): its measurement of a subprocess,
+the synthetic data generator, the padding arithmetic and the markdown report. The benchmark itself
+is a script (docs/benchmarks.md), never a timed test; `bench/run_bench.py --quick` runs every
+section end to end at tiny sizes (minutes, so not here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import scipy.sparse as sp
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_measure_reports_time_cpu_and_peak_rss(tmp_path):
+    import run_bench
+    code = "import json, time; b = bytearray(200 * 2**20); t = time.time()\nwhile time.time() - t < 0.3: pass\n" \
+           "print('RESULT ' + json.dumps({'cells': 3}))"
+    r = run_bench.measure([[sys.executable, "-c", code]], tmp_path / "m")[0]
+    assert r["cells"] == 3
+    assert r["wall_s"] >= 0.3 and r["cpu_s"] > 0.1
+    assert 200 <= r["peak_rss_mb"] < 1000 and r["peak_tree_rss_mb"] >= r["peak_rss_mb"]
+    assert "load_before" in r
+
+
+def test_synthetic_rows_keep_real_counts_and_width():
+    from make_data import synth_chunk
+    rng = np.random.default_rng(0)
+    src = sp.random(50, 30, density=0.3, format="csr", random_state=1, data_rvs=lambda n: rng.integers(1, 9, n)).astype(np.float32)
+    m = synth_chunk(src, 40, 100, 0.5, np.random.default_rng(2))
+    assert m.shape == (40, 100) and m.has_sorted_indices
+    assert set(np.unique(m.data)) <= set(np.unique(src.data))  # values are real counts of the source
+    assert 0.05 < m.nnz / (40 * 100) < 0.3  # ~ density 0.3 x keep 0.5
+
+
+def test_padding_fraction_and_report():
+    import run_bench
+    lengths = np.array([10, 20, 10, 20])
+    assert run_bench.padding_fraction(lengths, [np.array([0, 1]), np.array([2, 3])]) == 1 - 60 / 80
+    assert run_bench.padding_fraction(lengths, [np.array([0, 2]), np.array([1, 3])]) == 0.0
+    results = ROOT / "bench" / "results" / "results.json"
+    if results.exists():  # the committed latest run renders
+        md = run_bench.markdown(json.loads(results.read_text()))
+        assert md.count("\n") > 5 and "sentences cells/s" in md
