@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${UCE_NF_CACHE:-$HOME/.cache/uce-nf}
 bash "$here/scripts/setup.sh"
-export PATH="$cache/venv/bin:$cache/bin:$PATH" NXF_OFFLINE=true
+export PATH="$cache/venv/bin:$cache/bin:$PATH" PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}" NXF_OFFLINE=true
 outdir=${1:-$here/results-demo}
 cd "$here"
 start=$(date +%s)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the pipeline and its tests need, idempotently, into a cache folder:
-#   - a Python venv with the pinned runtime and test dependencies, and this package (editable);
+#   - a Python venv with the pinned runtime and test dependencies (the package runs from src/);
 #   - Nextflow 24.10.x resolved from Maven Central (scripts/install_nextflow.sh).
 # Prints the lines to source for PATH. Safe to run again: finished steps are skipped.
 set -euo pipefail
@@ -18,10 +18,12 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$venv/bin/pip" install -q -r "$here/envs/requirements-test.txt"
   echo "$want" > "$stamp"
 fi
-# The package itself: editable, so the working tree is what runs.
-if ! "$venv/bin/python" -c "import uce_nf, pathlib, sys; sys.exit(0 if pathlib.Path(uce_nf.__file__).resolve().is_relative_to(pathlib.Path('$here').resolve()) else 1)" 2>/dev/null; then
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$here"
+# The package itself is NOT installed into the shared venv: several checkouts (and CI's clean
+# clone) share it, so each run uses its own source through PYTHONPATH=<checkout>/src, and the
+# bin/uce-* wrappers fall back to ../src. Remove an install left by an older set-up.
+if "$venv/bin/python" -m pip show -q uce-nf >/dev/null 2>&1; then
+  "$venv/bin/python" -m pip uninstall -q -y uce-nf
 fi
 
 bash "$here/scripts/install_nextflow.sh"
-echo "[setup] done: export PATH=$venv/bin:$cache/bin:\$PATH"
+echo "[setup] done: export PATH=$venv/bin:$cache/bin:\$PATH PYTHONPATH=$here/src"

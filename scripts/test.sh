@@ -11,7 +11,7 @@ if [ "${CI:-}" = true ]; then
 else
   bash "$here/scripts/setup_podman.sh" || echo "[test] podman set-up failed: container tests will say why they skip"
 fi
-export PATH="$cache/venv/bin:$cache/bin:$PATH" NXF_OFFLINE=true
+export PATH="$cache/venv/bin:$cache/bin:$PATH" PYTHONPATH="$here/src${PYTHONPATH:+:$PYTHONPATH}" NXF_OFFLINE=true
 cd "$here"
 start=$(date +%s)
 python -m pytest -ra "$@"
