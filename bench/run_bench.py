@@ -219,22 +219,30 @@ def real_sentences(work, paths, q):
     return model, sf, d / "pbmc.shard-00000.sentences.npz"
 
 
+DEVICE = "cpu"  # --device: where the forward section runs (ours and the reference alike)
+
+
 def bench_forward(work, paths, q, R):
     model, sf, sent = real_sentences(work, paths, q)
     n, bs = (10, 5) if q else (50, 25)
     logs = work / "logs"
-    r = {"cells": n, "batch_size": bs, "precision": "fp32", "device": "cpu", "model": "4-layer, d_model 1280, 20 heads, "
+    r = {"cells": n, "batch_size": bs, "precision": "fp32", "device": DEVICE, "model": "4-layer, d_model 1280, 20 heads, "
          "FFN 5120, token_dim 5120 (synthetic weights, 6,368-token demo vocabulary)" if not q else "demo"}
     r["reference"] = task("ref_forward", logs / "ref_forward", model_dir=str(model), sentences=str(sent), n_cells=n,
-                          batch_size=bs, save=str(work / "ref_fwd.npy"))
+                          batch_size=bs, save=str(work / "ref_fwd.npy"), device=DEVICE)
     r["compat"] = task("our_forward", logs / "our_forward_compat", model_dir=str(model), species_file=str(sf),
-                       sentences=str(sent), n_cells=n, batch_size=bs, compat=True, save=str(work / "our_fwd.npy"))
+                       sentences=str(sent), n_cells=n, batch_size=bs, compat=True, save=str(work / "our_fwd.npy"),
+                       device=DEVICE)
     r["default_fp32"] = task("our_forward", logs / "our_forward_default", model_dir=str(model), species_file=str(sf),
-                             sentences=str(sent), n_cells=n, batch_size=bs, compat=False)
+                             sentences=str(sent), n_cells=n, batch_size=bs, compat=False, device=DEVICE)
+    if DEVICE != "cpu":  # the GPU default: bf16 autocast
+        r["default_bf16"] = task("our_forward", logs / "our_forward_bf16", model_dir=str(model), species_file=str(sf),
+                                 sentences=str(sent), n_cells=n, batch_size=bs, compat=False, precision="bf16",
+                                 device=DEVICE)
     cos = cosines(np.load(work / "our_fwd.npy"), np.load(work / "ref_fwd.npy"))
     r["compat_min_cosine_vs_reference"] = float(cos.min())
     r["compat_max_abs_diff"] = float(np.abs(np.load(work / "our_fwd.npy") - np.load(work / "ref_fwd.npy")).max())
-    for label in ("compat", "default_fp32"):
+    for label in [k for k in ("compat", "default_fp32", "default_bf16") if k in r]:
         r[label]["speedup_wall"] = round(r[label]["cells_per_s"] / r["reference"]["cells_per_s"], 3)
         r[label]["speedup_cpu"] = round(r["reference"]["task_cpu_s"] / r[label]["task_cpu_s"], 3)
     R["forward"] = r
@@ -411,7 +419,10 @@ def markdown(R: dict) -> str:
     f = R.get("forward")
     if f:
         ref = f["reference"]
-        for label, name in (("compat", "compat `reference` (fp32)"), ("default_fp32", "default `none` (fp32)")):
+        for label, name in (("compat", "compat `reference` (fp32)"), ("default_fp32", "default `none` (fp32)"),
+                            ("default_bf16", "default `none` (bf16)")):
+            if label not in f:
+                continue
             o = f[label]
             L.append(f"| forward cells/s, {name}, batch {f['batch_size']} | {ref['cells_per_s']:.3f} | {o['cells_per_s']:.3f} | "
                      f"{o['speedup_wall']}x | {o['speedup_cpu']}x | {ref['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | "
@@ -437,8 +448,9 @@ def markdown(R: dict) -> str:
     for n, row in (R.get("scale") or {}).items():
         L.append(f"| scale {int(n):,} cells x 20k genes ({row['input_gb']} GB): peak RSS (MB) | | preprocess "
                  f"{row['preprocess']['peak_rss_mb']:.0f}, index {row['index']['peak_rss_mb']:.0f}, sentences none/2 workers "
-                 f"{row['sentences_none']['peak_tree_rss_mb']:.0f} (RSS summed over the process tree; PSS "
-                 f"{row['sentences_none'].get('peak_tree_pss_mb', 0):.0f}), reference {row['sentences_reference']['peak_rss_mb']:.0f} | | | | "
+                 f"{row['sentences_none']['peak_tree_rss_mb']:.0f} (RSS summed over the process tree"
+                 + (f"; PSS {row['sentences_none']['peak_tree_pss_mb']:.0f}" if "peak_tree_pss_mb" in row["sentences_none"] else "")
+                 + f"), reference {row['sentences_reference']['peak_rss_mb']:.0f} | | | | "
                  f"cells/s: preprocess {row['preprocess']['cells_per_s']:.0f}, sentences none {row['sentences_none']['cells_per_s']:.0f}, "
                  f"reference {row['sentences_reference']['cells_per_s']:.0f} |")
     g = R.get("gpu_paths_on_cpu")
@@ -454,6 +466,7 @@ def main():
     ap.add_argument("--only", default="sentences,forward,padding,e2e,parallel,scale,gpu_paths")
     ap.add_argument("--scale-sizes", default="50000,200000")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", help="forward section: cpu or cuda (both implementations)")
     ap.add_argument("--merge", nargs="*", type=Path, default=[],
                     help="only merge these results.json files (sections of later files win) into OUT and render the table")
     a = ap.parse_args()
@@ -471,6 +484,8 @@ def main():
         (a.out / "results.md").write_text(markdown(R))
         print(markdown(R))
         return
+    global DEVICE
+    DEVICE = a.device
     sections = a.only.split(",")
     R = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "machine": machine(),
          "versions": versions(), "quick": a.quick}

@@ -126,7 +126,7 @@ def _subset(s: dict, n: int) -> dict:
 
 
 def ref_forward(model_dir: str, sentences: str, n_cells: int, batch_size: int, model: str = "4layer_model.torch",
-                save: str | None = None, threads: int | None = None) -> dict:
+                save: str | None = None, threads: int | None = None, device: str = "cpu") -> dict:
     """The reference forward as eval_single_anndata runs it: float32 token/mask batches of consecutive
     cells truncated to the batch maximum, pe_embedding lookup, L2 normalise, TransformerModel.forward
     (fp32, eval, no_grad), CLS of the decoder output."""
@@ -144,7 +144,7 @@ def ref_forward(model_dir: str, sentences: str, n_cells: int, batch_size: int, m
                          output_dim=sd["decoder.3.weight"].shape[0], dropout=0.05)
     m.pe_embedding = nn.Embedding.from_pretrained(torch.zeros_like(table))
     m.load_state_dict(sd, strict=True)
-    m.eval()
+    m.eval().to(device)
     s = _subset(load_sentences(Path(sentences)), n_cells)
     n = len(s["offsets"]) - 1
     lengths = np.diff(s["offsets"])
@@ -160,10 +160,10 @@ def ref_forward(model_dir: str, sentences: str, n_cells: int, batch_size: int, m
                 tok = torch.from_numpy(s["tokens"][s["offsets"][r]:s["offsets"][r + 1]].astype(np.int64))
                 bs[j, : len(tok)] = tok.float()
                 mask[j, : len(tok)] = 1
-            x = m.pe_embedding(bs.permute(1, 0).long())
+            x = m.pe_embedding(bs.permute(1, 0).long().to(device))
             x = nn.functional.normalize(x, dim=2)
-            _, emb = m.forward(x, mask=mask)
-            embeds.append(emb.numpy())
+            _, emb = m.forward(x, mask=mask.to(device))
+            embeds.append(emb.cpu().numpy())
     dt, cpu = time.perf_counter() - t0, _cpu() - c0
     if save:
         np.save(save, np.vstack(embeds))
@@ -173,14 +173,14 @@ def ref_forward(model_dir: str, sentences: str, n_cells: int, batch_size: int, m
 
 def our_forward(model_dir: str, species_file: str, sentences: str, n_cells: int, batch_size: int, compat: bool,
                 precision: str = "fp32", model: str = "4layer_model.torch", save: str | None = None,
-                threads: int | None = None, compile: bool = False) -> dict:
+                threads: int | None = None, compile: bool = False, device: str = "cpu") -> dict:
     from uce_nf.embed import EmbedSettings, Embedder
     from uce_nf.sentences import load_sentences
     from uce_nf.species import load_species
     if threads:
         torch.set_num_threads(threads)
     sd = torch.load(Path(model_dir) / model, map_location="cpu", mmap=True)
-    emb = Embedder(sd, load_species(Path(species_file)), EmbedSettings(compat, batch_size, precision, "cpu", compile))
+    emb = Embedder(sd, load_species(Path(species_file)), EmbedSettings(compat, batch_size, precision, device, compile))
     s = _subset(load_sentences(Path(sentences)), n_cells)
     n = len(s["offsets"]) - 1
     t0, c0 = time.perf_counter(), _cpu()
