@@ -15,6 +15,7 @@ to an AnnData-encoded h5ad (CSR float32), so 1M cells never sit in memory.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ try:  # anndata >= 0.11
 except ImportError:  # pragma: no cover
     from anndata.experimental import write_elem
 
-from uce_nf.io import CSRWriter, atomic_path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from uce_nf.io import CSRWriter, atomic_path  # noqa: E402
 
 
 def human_genes(model_dir: Path, n_genes: int, seed: int) -> np.ndarray:

@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# this checkout's engine, in this process and in every subprocess (the venv may hold dependencies only)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+sys.path.insert(0, str(ROOT / "src"))
 PY = sys.executable
 UCE = [PY, "-m", "uce_nf.cli"]
 TASKS = str(ROOT / "bench" / "tasks.py")
