@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .io import UserError
+from .io import Progress, UserError
 from .model import UCE
 from .model_files import ModelConfig
 
@@ -125,7 +124,7 @@ class Embedder:
         n = len(sentences["offsets"]) - 1
         out = np.zeros((n, self.cfg.output_dim), dtype=np.float32)
         batches = self.batches(sentences)
-        t0, done, last_log = time.time(), 0, time.time()
+        progress = Progress(n, "embed")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         with ThreadPoolExecutor(1) as prep:
             nxt = prep.submit(self._prepare, sentences, batches[0]) if batches else None
@@ -138,10 +137,8 @@ class Embedder:
                 with autocast:
                     emb = self.forward(self.table[ids], bias)  # autocast casts the bias with q, k, v
                 out[rows] = emb.float().cpu().numpy()
-                done += len(rows)
-                if time.time() - last_log > 30 or i + 1 == len(batches):
-                    log.info("embedded %d/%d cells (%.1f cells/s)", done, n, done / max(time.time() - t0, 1e-9))
-                    last_log = time.time()
+                progress.update(len(rows))
+        progress.close()
         if not np.isfinite(out).all():
             raise RuntimeError(f"{int((~np.isfinite(out).all(axis=1)).sum())} cells got non-finite embeddings; "
                                "try --precision fp32")

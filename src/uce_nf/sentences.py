@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .io import H5Matrix, open_h5ad, save_npz
+from .io import H5Matrix, Progress, open_h5ad, save_npz
 from .model_files import CHROM_CLOSE, CLS
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
         names = _obs_names(f)
         bounds = shard_bounds(X.shape[0], shard_size, batch_size, compat)
         pool = ProcessPoolExecutor(workers) if (workers > 1 and not compat) else None
+        progress = Progress(X.shape[0], "sentences")
         try:
             for k, (lo, hi) in enumerate(bounds):
                 sentences = []
@@ -210,6 +211,7 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
                     else:
                         sentences += _map_context_free(pool, m, names[start:start + m.shape[0]], index, seed,
                                                        sample_size, workers)
+                    progress.update(m.shape[0])
                 too_long = [len(s) for s in sentences if len(s) > pad_length]
                 if too_long:
                     raise ValueError(f"a sentence has {max(too_long)} tokens > pad_length {pad_length}: the cell "
@@ -222,6 +224,7 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
                 log.info("shard %d/%d: cells %d-%d written (%.0f cells/s)", k + 1, len(bounds), lo, hi - 1,
                          hi / max(time.time() - t0, 1e-9))
         finally:
+            progress.close()
             if pool:
                 pool.shutdown()
     return paths
