@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import shutil
 import sys
 import time
 from argparse import Namespace
@@ -42,36 +40,15 @@ def ref_prepare(h5ad: str, model_dir: str, workdir: str, species: str = "human")
     """The reference's preprocessing + index generation (process_raw_anndata, dense int64 memmap,
     adata_path_to_prot_chrom_starts), as eval_single_anndata runs them; leaves the files the
     reference's dataset reads in `workdir`."""
-    from uce.data_proc.data_utils import adata_path_to_prot_chrom_starts, get_spec_chrom_csv, get_species_to_pe, process_raw_anndata
-    import pandas as pd
-    workdir = Path(workdir)
-    (workdir / "model_files").mkdir(parents=True, exist_ok=True)
-    link = workdir / "model_files" / "protein_embeddings"
-    if not link.exists():
-        link.symlink_to(Path(model_dir).resolve() / "protein_embeddings")
-    (workdir / "data").mkdir(exist_ok=True)
-    shutil.copyfile(h5ad, workdir / "data" / Path(h5ad).name)
-    name = Path(h5ad).name.removesuffix(".h5ad")
-    out = str(workdir) + "/"
+    from reference_oracle import reference_index, reference_preprocess, reference_workdir
+    name, out = reference_workdir(Path(h5ad), Path(model_dir), Path(workdir))
     os.chdir(workdir)
-    t0, c0 = time.perf_counter(), _cpu()
-    row = pd.Series(dtype=object)
-    row.path, row.covar_col, row.species = Path(h5ad).name, np.nan, species
-    adata, n_cells, n_genes = process_raw_anndata(row, out, out, "", False, True, root=str(workdir / "data"))
+    t0 = time.perf_counter()
+    adata, n_cells, n_genes = reference_preprocess(Path(h5ad), Path(workdir), species)
     t1 = time.perf_counter()
-    species_to_pe = get_species_to_pe(str(Path(model_dir) / "protein_embeddings"))
-    with open(Path(model_dir) / "species_offsets.pkl", "rb") as f:
-        offsets = pickle.load(f)
-    chroms_csv = get_spec_chrom_csv(str(Path(model_dir) / "species_chrom.csv"))
-    pe_idx, chroms, starts = adata_path_to_prot_chrom_starts(adata, species, list(species_to_pe[species].keys()),
-                                                             chroms_csv, offsets[species])
-    torch.save({name: pe_idx}, out + f"{name}_pe_idx.torch")
-    with open(out + f"{name}_chroms.pkl", "wb") as f:
-        pickle.dump({name: chroms}, f)
-    with open(out + f"{name}_starts.pkl", "wb") as f:
-        pickle.dump({name: starts}, f)
-    (workdir / "meta.json").write_text(json.dumps({"name": name, "n_cells": n_cells, "n_genes": n_genes,
-                                                   "n_cat": len(chroms_csv["spec_chrom"].cat.categories)}))
+    n_cat = reference_index(adata, name, out, Path(model_dir), species)
+    (Path(workdir) / "meta.json").write_text(json.dumps({"name": name, "n_cells": n_cells, "n_genes": n_genes,
+                                                         "n_cat": n_cat}))
     return {"cells": int(n_cells), "genes": int(n_genes), "seconds_preprocess": t1 - t0,
             "seconds_index": time.perf_counter() - t1}
 

@@ -107,7 +107,6 @@ def test_preprocess_stats_and_edge_cases(prepared):
 
 def test_projected_table_equals_model_encoder(prepared, model_dir):
     """The precomputed projection equals the reference encoder applied to normalised token rows."""
-    from uce.model import TransformerModel  # noqa: F401  (shape source only)
     sf = torch.load(prepared / "h.pt", weights_only=False)
     sd = torch.load(model_dir / "4layer_model.torch")
     enc = torch.nn.Sequential(torch.nn.Linear(*sd["encoder.0.weight"].shape[::-1]), torch.nn.GELU(),
