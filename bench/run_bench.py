@@ -386,6 +386,9 @@ def versions() -> dict:
             v[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             v[pkg] = None
+    if v["uce-nf"] is None:  # runs from src/ (PYTHONPATH), not installed
+        import uce_nf
+        v["uce-nf"] = uce_nf.__version__
     return v
 
 
