@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,8 @@ sys.path.insert(0, str(ROOT / "src"))
 PY = sys.executable
 UCE = [PY, "-m", "uce_nf.cli"]
 TASKS = str(ROOT / "bench" / "tasks.py")
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_report import _walk, machine, markdown, versions  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -376,94 +377,6 @@ def bench_gpu_paths(work, paths, q, R):
     R["gpu_paths_on_cpu"] = r
 
 
-# ----------------------------------------------------------------------------- report
-
-def versions() -> dict:
-    import importlib.metadata as md
-    v = {}
-    for pkg in ("uce-nf", "uce-model", "torch", "numpy", "scipy", "anndata", "h5py"):
-        try:
-            v[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            v[pkg] = None
-    if v["uce-nf"] is None:  # runs from src/ (PYTHONPATH), not installed
-        import uce_nf
-        v["uce-nf"] = uce_nf.__version__
-    return v
-
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
-
-
-def markdown(R: dict) -> str:
-    L = [f"Machine: {R['machine']['cpu']}, {R['machine']['cores']} cores, {R['machine']['mem_gb']} GB, "
-         f"GPU: {R['machine']['gpu'] or 'none'}; versions: " + ", ".join(f"{k} {v}" for k, v in R["versions"].items()),
-         f"Run: {R['started']} – {R['finished']}; load average (1 min) seen before each piece: "
-         f"{R['load_seen']['min']:.1f}–{R['load_seen']['max']:.1f} on {R['machine']['cores']} cores.", ""]
-    L += ["| what | reference | ours | ratio (wall) | ratio (CPU s) | peak RSS ref / ours (MB) | notes |", "|---|---|---|---|---|---|---|"]
-    s = R.get("sentences")
-    if s:
-        ref = s["reference"]
-        for label, name in (("compat", "compat `reference`, 1 process"), ("default_w1", "default `none`, 1 worker"),
-                            ("default_w2", "default `none`, 2 workers")):
-            o = s[label]
-            L.append(f"| sentences cells/s, {name} | {ref['cells_per_s']:.1f} | {o['cells_per_s']:.0f} | {o['speedup_wall']}x | "
-                     f"{o['speedup_cpu']}x | {ref['peak_rss_mb']:.0f} / {o['peak_tree_rss_mb']:.0f} | "
-                     f"{s['dataset']['genes']} genes; ref {ref['cells']} cells, ours {o['cells']} |")
-        L.append(f"| compat sentences identical to the reference ({ref['cells']} cells) | | | | | | "
-                 f"{s['compat_identical_to_reference']} |")
-    f = R.get("forward")
-    if f:
-        ref = f["reference"]
-        for label, name in (("compat", "compat `reference` (fp32)"), ("default_fp32", "default `none` (fp32)"),
-                            ("default_bf16", "default `none` (bf16)")):
-            if label not in f:
-                continue
-            o = f[label]
-            L.append(f"| forward cells/s, {name}, batch {f['batch_size']} | {ref['cells_per_s']:.3f} | {o['cells_per_s']:.3f} | "
-                     f"{o['speedup_wall']}x | {o['speedup_cpu']}x | {ref['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | "
-                     f"{f['cells']} cells, mean length {o['mean_length']:.0f} |")
-        L.append(f"| compat forward vs reference: min cosine | | | | | | {f['compat_min_cosine_vs_reference']:.8f} "
-                 f"(max abs diff {f['compat_max_abs_diff']:.2e}) |")
-    for tag, e in (R.get("e2e") or {}).items():
-        ref = e["reference"]
-        for mode in ("reference", "none"):
-            o = e[f"ours_{mode}"]
-            L.append(f"| end to end `uce run --compat {mode}` vs reference flow, {tag} | {ref['wall_s']:.1f} s | {o['wall_s']:.1f} s | "
-                     f"{o['speedup_wall']}x | {o['speedup_cpu']}x | {ref['peak_rss_mb']:.0f} / {o['peak_tree_rss_mb']:.0f} | "
-                     f"{e['cells']} cells" + (f"; min cosine {e['compat_min_cosine_vs_reference']:.8f}" if mode == "reference" else "") + " |")
-    for tag, p in (R.get("padding") or {}).items():
-        L.append(f"| padding fraction, {tag} | | | | | | " + "; ".join(
-            f"batch {k[2:]}: consecutive {v['compat_consecutive']:.4f}, bucketed {v['default_bucketed']:.6f}"
-            for k, v in p.items() if k.startswith("bs")) + f" (lengths {p['min']}–{p['max']}) |")
-    pe = R.get("parallel_embed")
-    if pe:
-        L.append("| parallel EMBED tasks (CPU, real shapes, default fp32): cells/s | | " + "; ".join(
-            f"{k} task(s): {pe[f'tasks_{k}']['cells_per_s']:.3f}" for k in (1, 2, 4)) + " | | | | "
-            f"{pe['cells_per_task']} cells per task |")
-    for n, row in (R.get("scale") or {}).items():
-        L.append(f"| scale {int(n):,} cells x 20k genes ({row['input_gb']} GB): peak RSS (MB) | | preprocess "
-                 f"{row['preprocess']['peak_rss_mb']:.0f}, index {row['index']['peak_rss_mb']:.0f}, sentences none/2 workers "
-                 f"{row['sentences_none']['peak_tree_rss_mb']:.0f} (RSS summed over the process tree"
-                 + (f"; PSS {row['sentences_none']['peak_tree_pss_mb']:.0f}" if "peak_tree_pss_mb" in row["sentences_none"] else "")
-                 + f"), reference {row['sentences_reference']['peak_rss_mb']:.0f} | | | | "
-                 f"cells/s: preprocess {row['preprocess']['cells_per_s']:.0f}, sentences none {row['sentences_none']['cells_per_s']:.0f}, "
-                 f"reference {row['sentences_reference']['cells_per_s']:.0f} |")
-    g = R.get("gpu_paths_on_cpu")
-    if g:
-        L.append("| GPU code paths on CPU | | " + "; ".join(f"{k}: {'ok' if v.get('ok') else 'FAILED'}" for k, v in g.items()) + " | | | | |")
-    return "\n".join(L) + "\n"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/uce-bench"))
@@ -518,18 +431,6 @@ def main():
         (a.out / "results.json").write_text(json.dumps(R, indent=1, default=str) + "\n")
         (a.out / "results.md").write_text(markdown(R))
     print((a.out / "results.md").read_text())
-
-
-def _walk(o, key):
-    if isinstance(o, dict):
-        for k, v in o.items():
-            if k == key:
-                yield v
-            else:
-                yield from _walk(v, key)
-    elif isinstance(o, list):
-        for v in o:
-            yield from _walk(v, key)
 
 
 if __name__ == "__main__":
