@@ -112,10 +112,14 @@ class ModelFiles:
         df["spec_chrom"] = pd.Categorical(df["species"] + "_" + df["chromosome"])
         return df
 
-    def token_table_rows(self) -> int:
-        """Row count of the token file (memory-mapped: no values are read)."""
+    def token_table_shape(self) -> tuple[int, int]:
+        """(rows, width) of the token file (memory-mapped: no values are read)."""
         self.check("token_file")
-        return int(_load(self.paths["token_file"]).shape[0])
+        table = _load(self.paths["token_file"])
+        if not isinstance(table, torch.Tensor) or table.dim() != 2:
+            raise UserError(f"{self.paths['token_file']}: not a token table (expected one 2-D tensor, "
+                            "tokens x token_dim); download all_tokens.torch again")
+        return int(table.shape[0]), int(table.shape[1])
 
     def checkpoint(self) -> dict[str, torch.Tensor]:
         self.check("model")
@@ -164,7 +168,7 @@ class ModelConfig:
 def token_table(files: ModelFiles, sd: dict) -> torch.Tensor:
     """The token table the reference ends up using (§3.3): the checkpoint's own pe_embedding when the
     token file has the official row count, otherwise the token file verbatim (new-species files)."""
-    rows = files.token_table_rows()
+    rows = files.token_table_shape()[0]
     if rows in (OFFICIAL_TOKEN_ROWS, OFFICIAL_TABLE_ROWS) and sd["pe_embedding.weight"].shape[0] == OFFICIAL_TABLE_ROWS:
         return sd["pe_embedding.weight"]
     table = _load(files.paths["token_file"])

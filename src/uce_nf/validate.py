@@ -30,9 +30,7 @@ def validate_model_files(files: ModelFiles, species: str, nhead: int | None = No
         raise UserError(f"species '{species}' is not in {files.paths['offset_pkl']}; supported: {', '.join(sorted(offsets))}")
     sd = files.checkpoint()
     cfg = ModelConfig.from_state_dict(sd, nhead)
-    rows = files.token_table_rows()
-    from .model_files import _load  # shape only, memory-mapped
-    width = int(_load(files.paths["token_file"]).shape[1])
+    rows, width = files.token_table_shape()
     if width != cfg.token_dim:
         raise UserError(f"{files.paths['token_file']}: token width {width} does not match the checkpoint's token_dim "
                         f"{cfg.token_dim} ({files.paths['model'].name}); use the token file of this model")
