@@ -14,7 +14,8 @@ import scipy.sparse as sp
 from click.testing import CliRunner
 
 from uce_nf.cli import main
-from uce_nf.report import default_color_column, mean_pairwise_cosine, parse_duration, parse_memory
+from uce_nf.report import default_color_column, mean_pairwise_cosine
+from uce_nf.report_trace import parse_duration, parse_memory
 
 DIM = 64
 
