@@ -76,15 +76,17 @@ def markdown(R: dict) -> str:
     if pe:
         L.append("| parallel EMBED tasks (CPU, real shapes, default fp32): cells/s | | " + "; ".join(
             f"{k} task(s): {pe[f'tasks_{k}']['cells_per_s']:.3f}" for k in (1, 2, 4)) + " | | | | "
-            f"{pe['cells_per_task']} cells per task |")
+            f"{pe['cells_per_task']} cells per task"
+            + ("; threads per task " + "/".join(str(pe[f"tasks_{k}"]["threads_per_task"]) for k in (1, 2, 4))
+               if "threads_per_task" in pe["tasks_1"] else "") + " |")
     for n, row in (R.get("scale") or {}).items():
         L.append(f"| scale {int(n):,} cells x 20k genes ({row['input_gb']} GB): peak RSS (MB) | | preprocess "
                  f"{row['preprocess']['peak_rss_mb']:.0f}, index {row['index']['peak_rss_mb']:.0f}, sentences none/2 workers "
                  f"{row['sentences_none']['peak_tree_rss_mb']:.0f} (RSS summed over the process tree"
                  + (f"; PSS {row['sentences_none']['peak_tree_pss_mb']:.0f}" if "peak_tree_pss_mb" in row["sentences_none"] else "")
-                 + f"), reference {row['sentences_reference']['peak_rss_mb']:.0f} | | | | "
+                 + f"), sentences compat reference/1 process {row['sentences_reference']['peak_rss_mb']:.0f} | | | | "
                  f"cells/s: preprocess {row['preprocess']['cells_per_s']:.0f}, sentences none {row['sentences_none']['cells_per_s']:.0f}, "
-                 f"reference {row['sentences_reference']['cells_per_s']:.0f} |")
+                 f"sentences compat reference {row['sentences_reference']['cells_per_s']:.0f} |")
     g = R.get("gpu_paths_on_cpu")
     if g:
         L.append("| GPU code paths on CPU | | " + "; ".join(f"{k}: {'ok' if v.get('ok') else 'FAILED'}" for k, v in g.items()) + " | | | | |")

@@ -306,9 +306,10 @@ def bench_e2e(work, paths, q, R):
 
 
 def bench_parallel(work, paths, q, R):
-    """K concurrent `uce embed` processes on K shards (what K Nextflow EMBED tasks on one machine do)."""
+    """K concurrent `uce embed` processes on K shards (what K Nextflow EMBED tasks on one machine do).
+    Each task gets cores // K threads, as Nextflow's task.cpus would give it (OMP_NUM_THREADS)."""
     model, sf, sent = real_sentences(work, paths, q)
-    n = 2 if q else 6
+    n = 2 if q else 8
     s = load_sentences(sent)
     d = work / "parallel"
     d.mkdir(exist_ok=True)
@@ -324,9 +325,12 @@ def bench_parallel(work, paths, q, R):
     for k in (1, 2, 4):
         cmds = [[*UCE, "embed", "--sentences", shards[i], "--species-file", sf, "--model-dir", model,
                  "--batch-size", str(n), "--device", "cpu", "--output", d / f"k{k}_{i}.embeddings.npz"] for i in range(k)]
-        res = measure([[str(c) for c in cmd] for cmd in cmds], work / "logs" / f"parallel_{k}")
+        threads = max(1, (os.cpu_count() or 1) // k)
+        res = measure([[str(c) for c in cmd] for cmd in cmds], work / "logs" / f"parallel_{k}",
+                      env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
         wall = max(x["wall_s"] for x in res)
         r[f"tasks_{k}"] = {"wall_s": round(wall, 2), "cells": k * n, "cells_per_s": round(k * n / wall, 3),
+                           "threads_per_task": threads,
                            "peak_rss_mb_per_task": max(x["peak_rss_mb"] for x in res),
                            "embed_seconds_in_task": [float(np.load(d / f"k{k}_{i}.embeddings.npz")["seconds"]) for i in range(k)],
                            "load_before": res[0]["load_before"]}
