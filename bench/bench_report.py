@@ -48,19 +48,22 @@ def markdown(R: dict) -> str:
                      f"{s['dataset']['genes']} genes; ref {ref['cells']} cells, ours {o['cells']} |")
         L.append(f"| compat sentences identical to the reference ({ref['cells']} cells) | | | | | | "
                  f"{s['compat_identical_to_reference']} |")
-    f = R.get("forward")
-    if f:
+    for f in (v for k, v in R.items() if k == "forward" or k.startswith("forward_")):
         ref = f["reference"]
         for label, name in (("compat", "compat `reference` (fp32)"), ("default_fp32", "default `none` (fp32)"),
                             ("default_bf16", "default `none` (bf16)")):
             if label not in f:
                 continue
             o = f[label]
-            L.append(f"| forward cells/s, {name}, batch {f['batch_size']} | {ref['cells_per_s']:.3f} | {o['cells_per_s']:.3f} | "
+            L.append(f"| forward cells/s, {f.get('layers', 4)}-layer, {name}, batch {f['batch_size']}{', ' + f['device'] if f.get('device', 'cpu') != 'cpu' else ''} | {ref['cells_per_s']:.3f} | {o['cells_per_s']:.3f} | "
                      f"{o['speedup_wall']}x | {o['speedup_cpu']}x | {ref['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | "
-                     f"{f['cells']} cells, mean length {o['mean_length']:.0f} |")
-        L.append(f"| compat forward vs reference: min cosine | | | | | | {f['compat_min_cosine_vs_reference']:.8f} "
+                     f"{f['cells']} cells, mean length {o['mean_length']:.0f}"
+                     + (f"; peak GPU memory ref / ours {ref['peak_gpu_mb']:.0f} / {o['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in o else "")
+                     + " |")
+        L.append(f"| {f.get('layers', 4)}-layer compat forward vs reference: min cosine | | | | | | {f['compat_min_cosine_vs_reference']:.8f} "
                  f"(max abs diff {f['compat_max_abs_diff']:.2e}) |")
+        if "bf16_vs_fp32_min_cosine" in f:
+            L.append(f"| {f.get('layers', 4)}-layer default bf16 vs fp32: min cosine | | | | | | {f['bf16_vs_fp32_min_cosine']:.6f} |")
     for tag, e in (R.get("e2e") or {}).items():
         ref = e["reference"]
         for mode in ("reference", "none"):

@@ -125,9 +125,13 @@ def setup(work: Path, q: bool) -> dict:
         paths["g20k"] = demo / "model_files"
     elif not (paths["g20k"] / "4layer_model.torch").exists():
         subprocess.run([*UCE, "make-demo", "--dest", work / "g20k", "--n-human-genes", "20000", "--no-data"], check=True)
-    if not q and not (paths["real"] / "4layer_model.torch").exists():
-        subprocess.run([*UCE, "make-demo", "--dest", work / "real", "--d-model", "1280", "--d-hid", "5120",
-                        "--token-dim", "5120", "--output-dim", "1280", "--nlayers", "4", "--no-data"], check=True)
+    layers = FORWARD["layers"]
+    if layers != 4:  # the real shapes with another depth (33: the large model), in its own folder
+        paths["real"] = work / f"real{layers}" / "model_files"
+    if not q and not (paths["real"] / f"{layers}layer_model.torch").exists():
+        subprocess.run([*UCE, "make-demo", "--dest", paths["real"].parent, "--d-model", "1280", "--d-hid", "5120",
+                        "--token-dim", "5120", "--output-dim", "1280", "--nlayers", str(layers),
+                        "--checkpoint-name", f"{layers}layer_model.torch", "--no-data"], check=True)
     return paths
 
 
@@ -139,10 +143,11 @@ def syn(work: Path, paths: dict, n: int, n_genes: int = 20_000) -> Path:
     return out
 
 
-def species_file(work: Path, model_dir: Path, tag: str) -> Path:
+def species_file(work: Path, model_dir: Path, tag: str, model: str = "4layer_model.torch") -> Path:
     sf = work / f"{tag}.species.pt"
     if not sf.exists():
-        subprocess.run([*UCE, "prepare-species", "--species", "human", "--model-dir", model_dir, "--output", sf], check=True)
+        subprocess.run([*UCE, "prepare-species", "--species", "human", "--model-dir", model_dir, "--model", model,
+                        "--output", sf], check=True)
     return sf
 
 
@@ -212,8 +217,8 @@ def _indptr(p):
 def real_sentences(work, paths, q):
     """Real-length sentences (compat, seed 0) of the pbmc demo cells, tokens of the real-shape model."""
     model = paths["demo"] / "model_files" if q else paths["real"]
-    tag = "demo" if q else "real"
-    sf = species_file(work, model, tag)
+    tag = "demo" if q else paths["real"].parent.name
+    sf = species_file(work, model, tag, "4layer_model.torch" if q else f"{FORWARD['layers']}layer_model.torch")
     p, i = processed(work, paths["pbmc"], sf, f"pbmc_{tag}")
     d = work / f"sent_pbmc_{tag}"
     if not (d / "pbmc.shard-00000.sentences.npz").exists():
@@ -223,32 +228,36 @@ def real_sentences(work, paths, q):
 
 
 DEVICE = "cpu"  # --device: where the forward section runs (ours and the reference alike)
+FORWARD = {"layers": 4, "cells": 50, "batch": 25, "bf16": False}  # --forward-*: GPU runs want more cells
 
 
 def bench_forward(work, paths, q, R):
     model, sf, sent = real_sentences(work, paths, q)
-    n, bs = (10, 5) if q else (50, 25)
+    layers = 4 if q else FORWARD["layers"]
+    n, bs = (10, 5) if q else (FORWARD["cells"], FORWARD["batch"])
     logs = work / "logs"
-    r = {"cells": n, "batch_size": bs, "precision": "fp32", "device": DEVICE, "model": "4-layer, d_model 1280, 20 heads, "
-         "FFN 5120, token_dim 5120 (synthetic weights, 6,368-token demo vocabulary)" if not q else "demo"}
-    r["reference"] = task("ref_forward", logs / "ref_forward", model_dir=str(model), sentences=str(sent), n_cells=n,
-                          batch_size=bs, save=str(work / "ref_fwd.npy"), device=DEVICE)
-    r["compat"] = task("our_forward", logs / "our_forward_compat", model_dir=str(model), species_file=str(sf),
-                       sentences=str(sent), n_cells=n, batch_size=bs, compat=True, save=str(work / "our_fwd.npy"),
-                       device=DEVICE)
-    r["default_fp32"] = task("our_forward", logs / "our_forward_default", model_dir=str(model), species_file=str(sf),
-                             sentences=str(sent), n_cells=n, batch_size=bs, compat=False, device=DEVICE)
-    if DEVICE != "cpu":  # the GPU default: bf16 autocast
-        r["default_bf16"] = task("our_forward", logs / "our_forward_bf16", model_dir=str(model), species_file=str(sf),
-                                 sentences=str(sent), n_cells=n, batch_size=bs, compat=False, precision="bf16",
-                                 device=DEVICE)
+    r = {"cells": n, "batch_size": bs, "precision": "fp32", "device": DEVICE, "layers": layers,
+         "model": f"{layers}-layer, d_model 1280, 20 heads, FFN 5120, token_dim 5120 (synthetic weights, "
+                  "6,368-token demo vocabulary)" if not q else "demo"}
+    common = dict(model_dir=str(model), sentences=str(sent), n_cells=n, batch_size=bs, device=DEVICE,
+                  model=f"{layers}layer_model.torch" if not q else "4layer_model.torch")
+    r["reference"] = task("ref_forward", logs / "ref_forward", save=str(work / "ref_fwd.npy"), **common)
+    r["compat"] = task("our_forward", logs / "our_forward_compat", species_file=str(sf), compat=True,
+                       save=str(work / "our_fwd.npy"), **common)
+    r["default_fp32"] = task("our_forward", logs / "our_forward_default", species_file=str(sf), compat=False,
+                             save=str(work / "our_fwd_default.npy"), **common)
+    if DEVICE != "cpu" or q or FORWARD["bf16"]:  # the GPU default, bf16 autocast (slow on CPU: there on request)
+        r["default_bf16"] = task("our_forward", logs / "our_forward_bf16", species_file=str(sf), compat=False,
+                                 precision="bf16", save=str(work / "our_fwd_bf16.npy"), **common)
+        bf16_cos = cosines(np.load(work / "our_fwd_bf16.npy"), np.load(work / "our_fwd_default.npy"))
+        r["bf16_vs_fp32_min_cosine"] = float(bf16_cos.min())
     cos = cosines(np.load(work / "our_fwd.npy"), np.load(work / "ref_fwd.npy"))
     r["compat_min_cosine_vs_reference"] = float(cos.min())
     r["compat_max_abs_diff"] = float(np.abs(np.load(work / "our_fwd.npy") - np.load(work / "ref_fwd.npy")).max())
     for label in [k for k in ("compat", "default_fp32", "default_bf16") if k in r]:
         r[label]["speedup_wall"] = round(r[label]["cells_per_s"] / r["reference"]["cells_per_s"], 3)
         r[label]["speedup_cpu"] = round(r["reference"]["task_cpu_s"] / r[label]["task_cpu_s"], 3)
-    R["forward"] = r
+    R["forward" if layers == 4 else f"forward_{layers}layer"] = r
 
 
 def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
@@ -389,6 +398,10 @@ def main():
     ap.add_argument("--scale-sizes", default="50000,200000")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu", help="forward section: cpu or cuda (both implementations)")
+    ap.add_argument("--forward-layers", type=int, default=4, help="forward section: 4 or 33 (real shapes, synthetic weights)")
+    ap.add_argument("--forward-cells", type=int, default=50, help="forward section: cells (the 700 pbmc sentences repeat)")
+    ap.add_argument("--forward-batch", type=int, default=25, help="forward section: batch size")
+    ap.add_argument("--forward-bf16", action="store_true", help="forward section: also bf16 autocast on CPU (always on GPU)")
     ap.add_argument("--merge", nargs="*", type=Path, default=[],
                     help="only merge these results.json files (sections of later files win) into OUT and render the table")
     a = ap.parse_args()
@@ -408,6 +421,7 @@ def main():
         return
     global DEVICE
     DEVICE = a.device
+    FORWARD.update(layers=a.forward_layers, cells=a.forward_cells, batch=a.forward_batch, bf16=a.forward_bf16)
     sections = a.only.split(",")
     R = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "machine": machine(),
          "versions": versions(), "quick": a.quick}

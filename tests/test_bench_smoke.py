@@ -46,3 +46,13 @@ def test_padding_fraction_and_report():
     if results.exists():  # the committed latest run renders
         md = run_bench.markdown(json.loads(results.read_text()))
         assert md.count("\n") > 5 and "sentences cells/s" in md
+
+
+def test_subset_repeats_cells_in_order_beyond_the_shard():
+    import tasks
+    s = {"tokens": np.arange(10, dtype=np.uint32), "offsets": np.array([0, 3, 7, 10]), "cell_index": np.arange(3)}
+    first = tasks._subset(s, 2)
+    assert first["tokens"].tolist() == list(range(7)) and first["offsets"].tolist() == [0, 3, 7]
+    more = tasks._subset(s, 5)  # cells 0 1 2 0 1
+    assert more["offsets"].tolist() == [0, 3, 7, 10, 13, 17]
+    assert more["tokens"].tolist() == list(range(10)) + list(range(7))
