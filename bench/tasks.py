@@ -124,14 +124,30 @@ def _gpu_stats(device: str) -> dict:
     return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "gpu": torch.cuda.get_device_name()}
 
 
+def _reference_model_class():
+    """uce-model's TransformerModel, loaded from its module file alone: `import uce.model` runs the
+    package's __init__, which imports scanpy, accelerate, cellxgene_census and more, none of which
+    the model needs (and which a bare GPU machine lacks)."""
+    import importlib.util
+    spec = importlib.util.find_spec("uce")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the reference (uce-model 0.1.4) is not installed: pip install uce-model==0.1.4 --no-deps")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model.py"
+    mod_spec = importlib.util.spec_from_file_location("uce_reference_model", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.TransformerModel
+
+
 def ref_forward(model_dir: str, sentences: str, n_cells: int, batch_size: int, model: str = "4layer_model.torch",
                 save: str | None = None, threads: int | None = None, device: str = "cpu") -> dict:
     """The reference forward as eval_single_anndata runs it: float32 token/mask batches of consecutive
     cells truncated to the batch maximum, pe_embedding lookup, L2 normalise, TransformerModel.forward
     (fp32, eval, no_grad), CLS of the decoder output."""
     from torch import nn
-    from uce.model import TransformerModel
+
     from uce_nf.sentences import load_sentences
+    TransformerModel = _reference_model_class()
     if threads:
         torch.set_num_threads(threads)
     sd = torch.load(Path(model_dir) / model, map_location="cpu")
