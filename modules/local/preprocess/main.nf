@@ -1,8 +1,9 @@
 // Cell/gene filter of the reference on sparse chunks; keeps genes that have a protein
-// embedding. The input h5ad is only read.
+// embedding. The input h5ad is only read. One process, streaming: 1.5 GB peak RSS for
+// 1M cells x 20k genes (docs/benchmarks.md), hence process_low.
 process PREPROCESS {
     tag "${meta.id}"
-    label 'process_medium'
+    label 'process_low'
     // container: process.container (nextflow.config), from params.container_registry/container_image
 
     input:
