@@ -69,10 +69,11 @@ def setup(work: Path, q: bool) -> dict:
     layers = FORWARD["layers"]
     if layers != 4:  # the real shapes with another depth (33: the large model), in its own folder
         paths["real"] = work / f"real{layers}" / "model_files"
-    if not q and not (paths["real"] / f"{layers}layer_model.torch").exists():
+    paths["real_checkpoint"] = f"{layers}layer_model.torch"
+    if not q and not (paths["real"] / paths["real_checkpoint"]).exists():
         subprocess.run([*UCE, "make-demo", "--dest", paths["real"].parent, "--d-model", "1280", "--d-hid", "5120",
                         "--token-dim", "5120", "--output-dim", "1280", "--nlayers", str(layers),
-                        "--checkpoint-name", f"{layers}layer_model.torch", "--no-data"], check=True)
+                        "--checkpoint-name", paths["real_checkpoint"], "--no-data"], check=True)
     return paths
 
 
@@ -156,16 +157,17 @@ def _indptr(p):
 
 
 def real_sentences(work, paths, q):
-    """Real-length sentences (compat, seed 0) of the pbmc demo cells, tokens of the real-shape model."""
-    model = paths["demo"] / "model_files" if q else paths["real"]
+    """Real-length sentences (compat, seed 0) of the pbmc demo cells, tokens of the real-shape model.
+    Returns (model folder, checkpoint file name, species file, sentences file)."""
+    model, ckpt = (paths["demo"] / "model_files", "4layer_model.torch") if q else (paths["real"], paths["real_checkpoint"])
     tag = "demo" if q else paths["real"].parent.name
-    sf = species_file(work, model, tag, "4layer_model.torch" if q else f"{FORWARD['layers']}layer_model.torch")
+    sf = species_file(work, model, tag, ckpt)
     p, i = processed(work, paths["pbmc"], sf, f"pbmc_{tag}")
     d = work / f"sent_pbmc_{tag}"
     if not (d / "pbmc.shard-00000.sentences.npz").exists():
         subprocess.run([*UCE, "sentences", "--adata", p, "--index", i, "--seed", "0", "--compat", "reference",
                         "--batch-size", "25", "--output-dir", d, "--name", "pbmc"], check=True)
-    return model, sf, d / "pbmc.shard-00000.sentences.npz"
+    return model, ckpt, sf, d / "pbmc.shard-00000.sentences.npz"
 
 
 DEVICE = "cpu"  # --device: where the forward section runs (ours and the reference alike)
@@ -173,15 +175,14 @@ FORWARD = {"layers": 4, "cells": 50, "batch": 25, "bf16": False}  # --forward-*:
 
 
 def bench_forward(work, paths, q, R):
-    model, sf, sent = real_sentences(work, paths, q)
+    model, ckpt, sf, sent = real_sentences(work, paths, q)
     layers = 4 if q else FORWARD["layers"]
     n, bs = (10, 5) if q else (FORWARD["cells"], FORWARD["batch"])
     logs = work / "logs"
     r = {"cells": n, "batch_size": bs, "precision": "fp32", "device": DEVICE, "layers": layers,
          "model": f"{layers}-layer, d_model 1280, 20 heads, FFN 5120, token_dim 5120 (synthetic weights, "
                   "6,368-token demo vocabulary)" if not q else "demo"}
-    common = dict(model_dir=str(model), sentences=str(sent), n_cells=n, batch_size=bs, device=DEVICE,
-                  model=f"{layers}layer_model.torch" if not q else "4layer_model.torch")
+    common = dict(model_dir=str(model), model=ckpt, sentences=str(sent), n_cells=n, batch_size=bs, device=DEVICE)
     r["reference"] = task("ref_forward", logs / "ref_forward", save=str(work / "ref_fwd.npy"), **common)
     r["compat"] = task("our_forward", logs / "our_forward_compat", species_file=str(sf), compat=True,
                        save=str(work / "our_fwd.npy"), **common)
@@ -208,7 +209,7 @@ def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
 
 def bench_padding(work, paths, q, R):
     r = {}
-    for tag, path in (("pbmc_real_shape_compat_sentences", real_sentences(work, paths, q)[2]),
+    for tag, path in (("pbmc_real_shape_compat_sentences", real_sentences(work, paths, q)[3]),
                       ("syn20k_default_sentences", next((work / "sent_default_w2").glob("*.sentences.npz"), None))):
         if path is None:
             continue
@@ -258,7 +259,7 @@ def bench_e2e(work, paths, q, R):
 def bench_parallel(work, paths, q, R):
     """K concurrent `uce embed` processes on K shards (what K Nextflow EMBED tasks on one machine do).
     Each task gets cores // K threads, as Nextflow's task.cpus would give it (OMP_NUM_THREADS)."""
-    model, sf, sent = real_sentences(work, paths, q)
+    model, ckpt, sf, sent = real_sentences(work, paths, q)
     n = 2 if q else 8
     s = load_sentences(sent)
     d = work / "parallel"
@@ -274,7 +275,7 @@ def bench_parallel(work, paths, q, R):
          "batch_size": n}
     for k in (1, 2, 4):
         cmds = [[*UCE, "embed", "--sentences", shards[i], "--species-file", sf, "--model-dir", model,
-                 "--batch-size", str(n), "--device", "cpu", "--output", d / f"k{k}_{i}.embeddings.npz"] for i in range(k)]
+                 "--model", ckpt, "--batch-size", str(n), "--device", "cpu", "--output", d / f"k{k}_{i}.embeddings.npz"] for i in range(k)]
         threads = max(1, (os.cpu_count() or 1) // k)
         res = measure([[str(c) for c in cmd] for cmd in cmds], work / "logs" / f"parallel_{k}",
                       env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
@@ -316,13 +317,13 @@ def bench_scale(work, paths, q, R, sizes):
 
 def bench_gpu_paths(work, paths, q, R):
     """Every GPU-oriented path of `uce embed` runs on CPU (bf16 autocast, auto batch size, torch.compile)."""
-    model, sf, sent = real_sentences(work, paths, True)  # demo model: this checks code paths, not speed
+    model, ckpt, sf, sent = real_sentences(work, paths, True)  # demo model: this checks code paths, not speed
     r = {}
     for tag, extra in (("bf16_cpu", ["--precision", "bf16"]), ("batch_size_auto", ["--batch-size", "0"]),
                        ("compile_cpu", ["--compile"])):
         out = work / f"gpu_path_{tag}.embeddings.npz"
         try:
-            r[tag] = uce("embed", "--sentences", sent, "--species-file", sf, "--model-dir", model, "--device", "cpu",
+            r[tag] = uce("embed", "--sentences", sent, "--species-file", sf, "--model-dir", model, "--model", ckpt, "--device", "cpu",
                          *extra, "--output", out, log=work / "logs" / f"gpu_path_{tag}")
             e = np.load(out)["embeddings"]
             r[tag].update(ok=bool(np.isfinite(e).all()), cells=int(len(e)))
