@@ -1,98 +1,123 @@
 """Runs the reference implementation (uce-model 0.1.4, import name `uce`) as a test oracle.
 
-It drives the reference's own functions and classes the way its eval_single_anndata/run_eval does:
-process_raw_anndata, get_species_to_pe/get_spec_chrom_csv/adata_path_to_prot_chrom_starts,
-MultiDatasetSentences + MultiDatasetSentenceCollator in a DataLoader (one numpy stream, cell order),
-and its TransformerModel in fp32. The only addition is `np.random.seed(seed)` right before the batch
-loop, which is what makes the reference reproducible (uce-reference.md §15). Test-only code.
+The reference runs on its own defaults: its arguments come from its own parser
+(`uce.eval_single_anndata.parser`) given only what a user would type (`user_argv`), never values
+that our code computed. Preprocessing and index generation are the reference's AnndataProcessor
+itself; the token table comes from its get_ESM2_embeddings; sentences from its
+MultiDatasetSentences + MultiDatasetSentenceCollator in a DataLoader (one numpy stream, cell order).
+
+Two departures from `run_eval`, both forced and neither touching a value of the computation:
+- `np.random.seed(seed)` right before the batch loop: the reference is unseeded, and this is what
+  makes it reproducible (uce-reference.md §15).
+- run_eval hard-codes d_model 1280, nhead 20 and a 145,469 x 5,120 placeholder table. Our test
+  checkpoints are small, so the model is built with the checkpoint's d_model (nhead = d_model / 64,
+  the official head width) and a placeholder of the checkpoint table's shape. The layer count and
+  widths come from the parsed arguments, as in run_eval. Test-only code.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 
-def reference_workdir(h5ad: Path, model_dir: Path, workdir: Path) -> tuple[str, str]:
-    """Lay out `workdir` as the reference expects (it reads ./model_files/protein_embeddings, hard-coded)
-    with a copy of the input under data/; returns (dataset name, output prefix)."""
-    workdir = Path(workdir)
-    (workdir / "model_files").mkdir(parents=True, exist_ok=True)
-    link = workdir / "model_files" / "protein_embeddings"
-    if not link.exists():
-        link.symlink_to(Path(model_dir).resolve() / "protein_embeddings")
-    (workdir / "data").mkdir(exist_ok=True)
-    shutil.copyfile(h5ad, workdir / "data" / Path(h5ad).name)
-    return Path(h5ad).name.removesuffix(".h5ad"), str(workdir) + "/"
+def reference_args(h5ad: Path, model_dir: Path, workdir: Path, *, species: str = "human", batch_size: int = 25,
+                   model: str = "4layer_model.torch", filter_: bool = True, user_argv=()) -> Namespace:
+    """The reference's parser on a user's command line: the official model_files layout in model_dir,
+    output in workdir, plus `user_argv` (e.g. ["--nlayers", "4", "--CHROM_TOKEN_OFFSET", "6304"])."""
+    from uce.eval_single_anndata import parser
+    model_dir = Path(model_dir)
+    argv = ["--adata_path", str(h5ad), "--dir", str(workdir) + "/", "--species", species,
+            "--model_loc", str(model_dir / model), "--batch_size", str(batch_size),
+            "--spec_chrom_csv_path", str(model_dir / "species_chrom.csv"),
+            "--token_file", str(model_dir / "all_tokens.torch"),
+            "--protein_embeddings_dir", str(model_dir / "protein_embeddings") + "/",
+            "--offset_pkl_path", str(model_dir / "species_offsets.pkl")]
+    if not filter_:
+        argv += ["--filter", ""]  # type=bool: only the empty string is False (uce-reference.md §12)
+    return parser.parse_args([*argv, *map(str, user_argv)])
 
 
-def reference_preprocess(h5ad: Path, workdir: Path, species: str, filter_: bool = True):
-    """process_raw_anndata (filters, gene subset, dense int64 counts memmap); run inside workdir."""
-    from uce.data_proc.data_utils import process_raw_anndata
-    row = pd.Series(dtype=object)
-    row.path, row.covar_col, row.species = Path(h5ad).name, np.nan, species
-    out = str(workdir) + "/"
-    return process_raw_anndata(row, out, out, "", False, filter_, root=str(Path(workdir) / "data"))
+def model_argv(info: dict) -> list[str]:
+    """What a user of a non-default model passes: its layer count and widths (fixture facts)."""
+    return ["--nlayers", info["nlayers"], "--token_dim", info["token_dim"], "--d_hid", info["d_hid"],
+            "--output_dim", info["output_dim"]]
 
 
-def reference_index(adata, name: str, out: str, model_dir: Path, species: str) -> int:
-    """generate_idxs: token ids, chromosome codes, starts files; returns the chromosome category count."""
-    from uce.data_proc.data_utils import adata_path_to_prot_chrom_starts, get_spec_chrom_csv, get_species_to_pe
-    species_to_pe = get_species_to_pe(str(Path(model_dir) / "protein_embeddings"))
-    with open(Path(model_dir) / "species_offsets.pkl", "rb") as f:
-        offsets = pickle.load(f)
-    chroms_csv = get_spec_chrom_csv(str(Path(model_dir) / "species_chrom.csv"))
-    pe_idx, chroms, starts = adata_path_to_prot_chrom_starts(adata, species, list(species_to_pe[species].keys()),
-                                                             chroms_csv, offsets[species])
-    torch.save({name: pe_idx}, out + f"{name}_pe_idx.torch")
-    with open(out + f"{name}_chroms.pkl", "wb") as f:
-        pickle.dump({name: chroms}, f)
-    with open(out + f"{name}_starts.pkl", "wb") as f:
-        pickle.dump({name: starts}, f)
-    return len(chroms_csv["spec_chrom"].cat.categories)
+class _workdir:
+    """chdir into the reference's work folder: its gene_embeddings module reads
+    ./model_files/protein_embeddings (hard-coded), so that path must exist there."""
+
+    def __init__(self, args: Namespace):
+        self.dir = Path(args.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        link = self.dir / "model_files" / "protein_embeddings"
+        if not link.exists():
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(Path(args.protein_embeddings_dir).resolve())
+
+    def __enter__(self):
+        self.cwd = os.getcwd()
+        os.chdir(self.dir)
+
+    def __exit__(self, *exc):
+        os.chdir(self.cwd)
 
 
-def run_reference(h5ad: Path, model_dir: Path, workdir: Path, *, species="human", seed=0, batch_size=25,
-                  model="4layer_model.torch", filter_=True) -> dict:
-    """Returns {'obs_names', 'var_names', 'sentences' (list of token arrays), 'embeddings'}."""
+def reference_prepare(args: Namespace):
+    """AnndataProcessor's preprocess_anndata + generate_idxs (no accelerator: single process).
+    Returns the processor (its .name, .adata and the index file paths)."""
+    from uce.evaluate import AnndataProcessor
+    with _workdir(args):
+        proc = AnndataProcessor(args, None)
+        proc.preprocess_anndata()
+        proc.generate_idxs()
+    return proc
+
+
+def reference_dataset(args: Namespace, proc):
+    from uce.eval_data import MultiDatasetSentences
+    with open(proc.shapes_dict_path, "rb") as f:
+        shapes = pickle.load(f)
+    return MultiDatasetSentences(sorted_dataset_names=[proc.name], shapes_dict=shapes, args=args, npzs_dir=args.dir,
+                                 dataset_to_protein_embeddings_path=proc.pe_idx_path,
+                                 datasets_to_chroms_path=proc.chroms_path, datasets_to_starts_path=proc.starts_path)
+
+
+def reference_model(args: Namespace):
+    """run_eval's model set-up: strict load into a zero placeholder table, then the token file
+    replaces the table unless get_ESM2_embeddings gives the official 145,469 rows."""
+    from torch import nn
+    from uce.evaluate import get_ESM2_embeddings
+    from uce.model import TransformerModel
+    sd = torch.load(args.model_loc, map_location="cpu")
+    d_model = sd["encoder.0.weight"].shape[0]
+    model = TransformerModel(token_dim=args.token_dim, d_model=d_model, nhead=max(1, d_model // 64), d_hid=args.d_hid,
+                             nlayers=args.nlayers, dropout=0.05, output_dim=args.output_dim)
+    model.pe_embedding = nn.Embedding.from_pretrained(torch.zeros_like(sd["pe_embedding.weight"]))
+    model.load_state_dict(sd, strict=True)
+    all_pe = get_ESM2_embeddings(args)
+    if all_pe.shape[0] != 145469:
+        model.pe_embedding = nn.Embedding.from_pretrained(all_pe)
+    return model.eval()
+
+
+def run_reference(args: Namespace, seed: int = 0) -> dict:
+    """The whole flow; returns {'obs_names', 'var_names', 'sentences' (token arrays), 'embeddings'}."""
     from torch import nn
     from torch.utils.data import DataLoader
-    from uce.eval_data import MultiDatasetSentenceCollator, MultiDatasetSentences
-    from uce.model import TransformerModel
+    from uce.eval_data import MultiDatasetSentenceCollator
 
-    name, out = reference_workdir(h5ad, model_dir, workdir)
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        adata, n_cells, n_genes = reference_preprocess(h5ad, workdir, species, filter_)
-        shapes = {name: (n_cells, n_genes)}
-        n_cat = reference_index(adata, name, out, model_dir, species)
-
-        sd = torch.load(Path(model_dir) / model, map_location="cpu")
-        table = sd["pe_embedding.weight"]
-        d_model, token_dim = sd["encoder.0.weight"].shape
-        nlayers = len({k.split(".")[2] for k in sd if k.startswith("transformer_encoder.layers.")})
-        args = Namespace(pad_length=1536, sample_size=1024, cls_token_idx=3, chrom_token_right_idx=2,
-                         pad_token_idx=0, CHROM_TOKEN_OFFSET=table.shape[0] - n_cat, token_dim=token_dim)
-        model = TransformerModel(token_dim=token_dim, d_model=d_model, nhead=max(1, d_model // 64),
-                                 d_hid=sd["transformer_encoder.layers.0.linear1.weight"].shape[0], nlayers=nlayers,
-                                 output_dim=sd["decoder.3.weight"].shape[0], dropout=0.05)
-        model.pe_embedding = nn.Embedding.from_pretrained(torch.zeros_like(table))
-        model.load_state_dict(sd, strict=True)
-        model.eval()
-
-        dataset = MultiDatasetSentences(sorted_dataset_names=[name], shapes_dict=shapes, args=args, npzs_dir=out,
-                                        dataset_to_protein_embeddings_path=out + f"{name}_pe_idx.torch",
-                                        datasets_to_chroms_path=out + f"{name}_chroms.pkl",
-                                        datasets_to_starts_path=out + f"{name}_starts.pkl")
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+    proc = reference_prepare(args)
+    with _workdir(args):
+        dataset = reference_dataset(args, proc)
+        model = reference_model(args)
+        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                             collate_fn=MultiDatasetSentenceCollator(args), num_workers=0)
         np.random.seed(seed)
         embeds, sentences = [], []
@@ -104,7 +129,5 @@ def run_reference(h5ad: Path, model_dir: Path, workdir: Path, *, species="human"
                 x = nn.functional.normalize(x, dim=2)
                 _, emb = model.forward(x, mask=mask)
                 embeds.append(emb.numpy())
-        return {"obs_names": np.asarray(adata.obs_names), "var_names": np.asarray(adata.var_names),
-                "sentences": sentences, "embeddings": np.vstack(embeds)}
-    finally:
-        os.chdir(cwd)
+    return {"obs_names": np.asarray(proc.adata.obs_names), "var_names": np.asarray(proc.adata.var_names),
+            "sentences": sentences, "embeddings": np.vstack(embeds)}

@@ -55,12 +55,16 @@ def main(verbose):
 @main.command("prepare-species", context_settings=CTX)
 @click.option("--species", required=True, help="Species name, a key of species_offsets.pkl (e.g. human).")
 @model_file_options
+@click.option("--chrom-token-offset", type=click.IntRange(0), default=None,
+              help="First token-table row of the chromosome tokens (the reference's CHROM_TOKEN_OFFSET). "
+                   "Default: 143574 with the checkpoint's own table; required for a replaced token file "
+                   "unless its layout proves it.")
 @click.option("--output", type=PathOut, required=True, help="Species file to write (.species.pt).")
 @handle_errors
-def prepare_species_cmd(species, output, **o):
+def prepare_species_cmd(species, output, chrom_token_offset, **o):
     """Vocabulary and projected token table of one species for one checkpoint."""
     from .species import prepare_species, save_species
-    save_species(prepare_species(_files(o), species, o["nhead"]), output)
+    save_species(prepare_species(_files(o), species, o["nhead"], chrom_token_offset), output)
     log.info("wrote %s", output)
 
 
@@ -151,9 +155,10 @@ def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision,
     """Run the model over one shard."""
     from .embed import EmbedSettings, Embedder
     from .sentences import load_sentences
-    from .species import load_species
+    from .species import check_species_file_checkpoint, load_species
     files = _files(o)
     sf = load_species(species_file)
+    check_species_file_checkpoint(sf, species_file, files.paths["model"])
     emb = Embedder(files.checkpoint(), sf, EmbedSettings(compat == "reference", batch_size, precision, device, compile_), o["nhead"])
     s = load_sentences(sentences_path)
     t0 = time.time()
@@ -194,6 +199,8 @@ def provenance(sf: dict, st: dict, seed, compat, batch_size, shards) -> dict:
 @click.option("--input", "input_", type=PathIn, required=True, help="Input h5ad (read only).")
 @click.option("--species", default="human")
 @model_file_options
+@click.option("--chrom-token-offset", type=click.IntRange(0), default=None,
+              help="The reference's CHROM_TOKEN_OFFSET (see `uce prepare-species --help`).")
 @filter_options
 @sampling_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto")
@@ -209,7 +216,7 @@ def run_cmd(ctx, input_, species, output, **o):
         sf, proc, stats, idx = d / f"{species}.species.pt", d / f"{name}_proc.h5ad", d / f"{name}.preprocess.json", d / f"{name}.index.npz"
         common = {k: o[k] for k in ("model_dir", "model", "spec_chrom_csv", "offset_pkl", "token_file", "protein_embeddings_dir", "nhead")}
         samp = {k: o[k] for k in ("seed", "compat", "batch_size")}
-        ctx.invoke(prepare_species_cmd, species=species, output=sf, **common)
+        ctx.invoke(prepare_species_cmd, species=species, output=sf, chrom_token_offset=o["chrom_token_offset"], **common)
         ctx.invoke(preprocess_cmd, input_=input_, species_file=sf, output=proc, stats=stats,
                    **{k: o[k] for k in ("filter_", "min_cells", "min_genes", "gene_column", "counts_layer")})
         ctx.invoke(index_cmd, adata=proc, species_file=sf, output=idx)

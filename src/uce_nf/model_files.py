@@ -38,6 +38,7 @@ PROTEIN_EMBEDDING_FILES = {
 NEW_SPECIES_CSV = "new_species_protein_embeddings.csv"  # species,path: the reference's way to add species
 OFFICIAL_TOKEN_ROWS = 143574  # all_tokens.torch rows; the reference then appends 1895 chromosome rows
 OFFICIAL_TABLE_ROWS = 145469  # rows of pe_embedding in the official checkpoints
+REFERENCE_CHROM_TOKEN_OFFSET = 143574  # the reference's --CHROM_TOKEN_OFFSET default (first chromosome row)
 PAD, CHROM_OPEN, CHROM_CLOSE, CLS = 0, 1, 2, 3  # special token rows (CHROM_OPEN is never used)
 
 
