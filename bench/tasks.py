@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -31,42 +30,36 @@ def _cpu() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def _ref_args(sd_or_table_rows: int, n_cat: int, token_dim: int) -> Namespace:
-    return Namespace(pad_length=1536, sample_size=1024, cls_token_idx=3, chrom_token_right_idx=2, pad_token_idx=0,
-                     CHROM_TOKEN_OFFSET=sd_or_table_rows - n_cat, token_dim=token_dim)
+def _ref_args(h5ad: str, model_dir: str, workdir: str, species: str = "human", batch_size: int = 25):
+    """The reference's own parser, given what a user of these (make-demo) files would pass."""
+    from reference_oracle import demo_user_argv, reference_args
+    return reference_args(Path(h5ad), Path(model_dir), Path(workdir), species=species, batch_size=batch_size,
+                          user_argv=demo_user_argv(Path(model_dir)))
 
 
 def ref_prepare(h5ad: str, model_dir: str, workdir: str, species: str = "human") -> dict:
-    """The reference's preprocessing + index generation (process_raw_anndata, dense int64 memmap,
-    adata_path_to_prot_chrom_starts), as eval_single_anndata runs them; leaves the files the
-    reference's dataset reads in `workdir`."""
-    from reference_oracle import reference_index, reference_preprocess, reference_workdir
-    name, out = reference_workdir(Path(h5ad), Path(model_dir), Path(workdir))
-    os.chdir(workdir)
+    """The reference's preprocessing + index generation (AnndataProcessor: process_raw_anndata, dense
+    int64 memmap, generate_idxs), as eval_single_anndata runs them; leaves the files the reference's
+    dataset reads in `workdir`."""
+    from reference_oracle import reference_prepare
+    args = _ref_args(h5ad, model_dir, workdir, species)
     t0 = time.perf_counter()
-    adata, n_cells, n_genes = reference_preprocess(Path(h5ad), Path(workdir), species)
-    t1 = time.perf_counter()
-    n_cat = reference_index(adata, name, out, Path(model_dir), species)
-    (Path(workdir) / "meta.json").write_text(json.dumps({"name": name, "n_cells": n_cells, "n_genes": n_genes,
-                                                         "n_cat": n_cat}))
-    return {"cells": int(n_cells), "genes": int(n_genes), "seconds_preprocess": t1 - t0,
-            "seconds_index": time.perf_counter() - t1}
+    proc = reference_prepare(args)
+    n_cells, n_genes = proc.adata.shape
+    (Path(workdir) / "meta.json").write_text(json.dumps({"name": proc.name, "n_cells": n_cells, "n_genes": n_genes,
+                                                         "h5ad": h5ad, "species": species}))
+    # AnndataProcessor runs both steps back to back; index generation is the short one (§15)
+    return {"cells": int(n_cells), "genes": int(n_genes), "seconds_prepare": time.perf_counter() - t0}
 
 
 def ref_sentences(workdir: str, model_dir: str, n_cells: int, seed: int = 0, save: str | None = None) -> dict:
     """The reference sampler: MultiDatasetSentences.__getitem__ (dense int64 memmap row -> torch
     log1p weights -> np.random.choice -> chromosome grouping/shuffle) for the first n_cells, in
     cell order from one np.random.seed(seed) stream, as its DataLoader (num_workers=0) does."""
-    from uce.eval_data import MultiDatasetSentences
+    from reference_oracle import reference_dataset
     os.chdir(workdir)
     meta = json.loads((Path(workdir) / "meta.json").read_text())
-    name, out = meta["name"], str(workdir) + "/"
-    table_rows = torch.load(Path(model_dir) / "all_tokens.torch").shape[0]  # demo table = checkpoint's pe_embedding
-    args = _ref_args(table_rows, meta["n_cat"], 0)
-    ds = MultiDatasetSentences(sorted_dataset_names=[name], shapes_dict={name: (meta["n_cells"], meta["n_genes"])},
-                               args=args, npzs_dir=out, dataset_to_protein_embeddings_path=out + f"{name}_pe_idx.torch",
-                               datasets_to_chroms_path=out + f"{name}_chroms.pkl",
-                               datasets_to_starts_path=out + f"{name}_starts.pkl")
+    ds = reference_dataset(_ref_args(meta["h5ad"], model_dir, workdir, meta["species"]), meta["name"])
     n = min(n_cells, meta["n_cells"])
     np.random.seed(seed)
     items = []
@@ -222,8 +215,9 @@ def our_forward(model_dir: str, species_file: str, sentences: str, n_cells: int,
 def ref_e2e(h5ad: str, model_dir: str, workdir: str, seed: int = 0, batch_size: int = 25, save: str | None = None) -> dict:
     """The whole reference flow (eval_single_anndata equivalent, seeded once): tests/reference_oracle.py."""
     from reference_oracle import run_reference
+    args = _ref_args(h5ad, model_dir, workdir, batch_size=batch_size)
     t0, c0 = time.perf_counter(), _cpu()
-    r = run_reference(Path(h5ad), Path(model_dir), Path(workdir), seed=seed, batch_size=batch_size)
+    r = run_reference(args, seed)
     dt, cpu = time.perf_counter() - t0, _cpu() - c0
     if save:
         np.savez(save, embeddings=r["embeddings"], obs_names=r["obs_names"].astype(str))

@@ -17,6 +17,7 @@ Two departures from `run_eval`, both forced and neither touching a value of the 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from argparse import Namespace
@@ -47,6 +48,14 @@ def model_argv(info: dict) -> list[str]:
     """What a user of a non-default model passes: its layer count and widths (fixture facts)."""
     return ["--nlayers", info["nlayers"], "--token_dim", info["token_dim"], "--d_hid", info["d_hid"],
             "--output_dim", info["output_dim"]]
+
+
+def demo_user_argv(model_dir: Path) -> list:
+    """What a user of `uce make-demo` files passes: the model widths and, when the token file replaces
+    the table, the CHROM_TOKEN_OFFSET it was built with (facts recorded in ../demo_info.json)."""
+    info = json.loads((Path(model_dir).parent / "demo_info.json").read_text())["model_files"]
+    extra = [] if info["full_table"] else ["--CHROM_TOKEN_OFFSET", info["chrom_token_offset"]]
+    return model_argv(info) + extra
 
 
 class _workdir:
@@ -80,13 +89,16 @@ def reference_prepare(args: Namespace):
     return proc
 
 
-def reference_dataset(args: Namespace, proc):
+def reference_dataset(args: Namespace, name: str):
+    """MultiDatasetSentences over the files AnndataProcessor left in args.dir for dataset `name`."""
     from uce.eval_data import MultiDatasetSentences
-    with open(proc.shapes_dict_path, "rb") as f:
+    out = args.dir
+    with open(out + f"{name}_shapes_dict.pkl", "rb") as f:
         shapes = pickle.load(f)
-    return MultiDatasetSentences(sorted_dataset_names=[proc.name], shapes_dict=shapes, args=args, npzs_dir=args.dir,
-                                 dataset_to_protein_embeddings_path=proc.pe_idx_path,
-                                 datasets_to_chroms_path=proc.chroms_path, datasets_to_starts_path=proc.starts_path)
+    return MultiDatasetSentences(sorted_dataset_names=[name], shapes_dict=shapes, args=args, npzs_dir=out,
+                                 dataset_to_protein_embeddings_path=out + f"{name}_pe_idx.torch",
+                                 datasets_to_chroms_path=out + f"{name}_chroms.pkl",
+                                 datasets_to_starts_path=out + f"{name}_starts.pkl")
 
 
 def reference_model(args: Namespace):
@@ -115,7 +127,7 @@ def run_reference(args: Namespace, seed: int = 0) -> dict:
 
     proc = reference_prepare(args)
     with _workdir(args):
-        dataset = reference_dataset(args, proc)
+        dataset = reference_dataset(args, proc.name)
         model = reference_model(args)
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                             collate_fn=MultiDatasetSentenceCollator(args), num_workers=0)

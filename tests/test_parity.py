@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_edge_dataset, read_embeddings, run_uce
 from official_layout import tie_tokens, write_official_layout
-from reference_oracle import model_argv, reference_args, run_reference
+from reference_oracle import demo_user_argv, model_argv, reference_args, run_reference
 
 CASES = [(0, 25), (7, 8)]  # (seed, batch_size)
 
@@ -67,9 +67,8 @@ def _compare(ref, ours, label, ties=()):
 def _demo_ref(h5ad, model_dir, workdir, seed, batch_size):
     """The reference on the demo files: their token file replaces the table, so a user passes the
     CHROM_TOKEN_OFFSET the files were built with (a fact of the demo, recorded in demo_info.json)."""
-    info = json.loads((model_dir.parent / "demo_info.json").read_text())["model_files"]
-    args = reference_args(h5ad, model_dir, workdir, batch_size=batch_size,
-                          user_argv=model_argv(info) + ["--CHROM_TOKEN_OFFSET", info["chrom_token_offset"]])
+    args = reference_args(h5ad, model_dir, workdir, batch_size=batch_size, user_argv=demo_user_argv(model_dir))
+    assert args.CHROM_TOKEN_OFFSET != 143_574
     return run_reference(args, seed)
 
 
