@@ -25,5 +25,29 @@ if "$venv/bin/python" -m pip show -q uce-nf >/dev/null 2>&1; then
   "$venv/bin/python" -m pip uninstall -q -y uce-nf
 fi
 
-bash "$here/scripts/install_nextflow.sh"
-echo "[setup] done: export PATH=$venv/bin:$cache/bin:\$PATH PYTHONPATH=$here/src"
+bash "$here/scripts/install_nextflow.sh" >/dev/null
+
+# `uce` on PATH (the README's commands): a launcher next to the nextflow one that runs this
+# checkout's src/ with the venv's Python. A PYTHONPATH set by the caller (another checkout) comes
+# first, so the shared cache never pins one checkout over another.
+mkdir -p "$cache/bin"  # a user's own nextflow on PATH means install_nextflow.sh made none
+cat > "$cache/bin/uce.tmp" <<LAUNCHER
+#!/usr/bin/env bash
+# Written by $here/scripts/setup.sh: the uce command of that checkout, with the venv's Python.
+if [ ! -d "$here/src/uce_nf" ]; then
+    echo "uce: $here/src/uce_nf not found (checkout moved or removed); run scripts/setup.sh from your checkout" >&2
+    exit 2
+fi
+export PYTHONPATH="\${PYTHONPATH:+\$PYTHONPATH:}$here/src"
+exec "$venv/bin/python" -c 'import sys; from uce_nf.cli import main; sys.exit(main(prog_name="uce"))' "\$@"
+LAUNCHER
+chmod +x "$cache/bin/uce.tmp"
+mv -f "$cache/bin/uce.tmp" "$cache/bin/uce"
+
+# The one line that puts uce, nextflow and the venv's python3 (which the pipeline's bin/uce-*
+# tasks run with) on PATH; also saved as env.sh, to `source` in later shells.
+line="export PATH=$venv/bin:$cache/bin:\$PATH PYTHONPATH=$here/src"
+echo "$line" > "$cache/env.sh"
+echo "[setup] done. To use uce and nextflow in this shell, run:"
+echo "$line"
+echo "[setup] (or, in any later shell: source $cache/env.sh)"
