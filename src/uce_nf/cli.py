@@ -112,15 +112,31 @@ def index_cmd(adata, species_file, output):
     save_index(index_genes(ad.read_h5ad(adata, backed="r").var_names, load_species(species_file)), output)
 
 
+SEED_RANGE = click.IntRange(0, 2**32 - 1)  # numpy's RandomState range; the pipeline schema's too
+AUTO_BATCH_COMPAT = ("--batch-size 0 (auto) works only with --compat none; pass the reference's batch size, "
+                     "e.g. 25")
+
+
 def sampling_options(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def checked(*a, **k):
+        # In compat mode the batch defines the result, so "auto" cannot be honoured; checked before
+        # any work (SENTENCES would otherwise divide by it).
+        if k.get("compat") == "reference" and k.get("batch_size") == 0:
+            click.echo(f"ERROR: {AUTO_BATCH_COMPAT}", err=True)
+            sys.exit(2)
+        return fn(*a, **k)
+
     for opt in reversed([
-        click.option("--seed", type=int, default=0, help="Random seed (the reference itself is unseeded)."),
+        click.option("--seed", type=SEED_RANGE, default=0, help="Random seed (the reference itself is unseeded)."),
         click.option("--compat", type=click.Choice(["none", "reference"]), default="none",
                      help="reference: reproduce uce-model bit for bit (seeded); none: context-free, batch-invariant."),
         click.option("--batch-size", type=click.IntRange(0), default=25, help="Cells per forward batch (0: auto from GPU memory, default mode only)."),
     ]):
-        fn = opt(fn)
-    return fn
+        checked = opt(checked)
+    return checked
 
 
 @main.command("sentences", context_settings=CTX)
@@ -188,8 +204,8 @@ def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, 
 
 def provenance(sf: dict, st: dict, seed, compat, batch_size, shards) -> dict:
     return {"version": __version__, "species": sf["species"], "model_file": sf["model"]["file"],
-            "model_sha256": sf["model"]["sha256"], "nlayers": sf["model"]["config"]["nlayers"],
-            "compat": compat, "seed": seed, "batch_size": batch_size,
+            "model_sha256": sf["model"]["sha256"], "nlayers": int(sf["model"]["config"]["nlayers"]),
+            "compat": compat, "seed": int(seed), "batch_size": int(batch_size),
             "precision": str(shards[0]["precision"]), "device": str(shards[0]["device"]),
             "n_shards": len(shards), "embed_seconds": float(sum(float(s["seconds"]) for s in shards)),
             "preprocess": st}

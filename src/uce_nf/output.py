@@ -54,11 +54,26 @@ def write_output(processed: Path, embeddings: np.ndarray, provenance: dict, path
 
 
 def _h5_safe(obj):
-    """uns values must be HDF5-friendly: no None, nested dicts of scalars/strings/arrays."""
+    """uns values must be HDF5-friendly: no None, nested dicts of scalars/strings/arrays. Types are
+    kept (an int stays an int, a bool a bool), so readers can compute with uns['uce'] directly."""
     if isinstance(obj, dict):
         return {str(k): _h5_safe(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, np.ndarray) and obj.ndim == 0:
+        obj = obj.item()  # 0-d arrays (np.load of a scalar) become the scalar they hold
+    if isinstance(obj, (bool, np.bool_)):  # before int: bool is an int subclass
+        return np.bool_(obj)
+    if isinstance(obj, (int, np.integer)):
+        return np.int64(obj)
+    if isinstance(obj, (float, np.floating)):
+        return np.float64(obj)
     if isinstance(obj, (list, tuple)):
-        return np.array([str(v) for v in obj]) if obj else np.array([], dtype="S1")
-    if isinstance(obj, Path):
-        return str(obj)
+        if not obj:
+            return np.array([], dtype="S1")
+        values = [_h5_safe(v) for v in obj]
+        kinds = {type(v) for v in values}
+        if kinds <= {np.bool_} or kinds <= {np.int64} or kinds <= {np.int64, np.float64}:
+            return np.array(values)
+        return np.array([str(v) for v in obj])  # mixed or strings: one string array
+    if isinstance(obj, (Path, bytes)):
+        return obj.decode() if isinstance(obj, bytes) else str(obj)
     return obj

@@ -50,6 +50,49 @@ def is_counts(m) -> bool:
     return d.size == 0 or bool(np.all(d >= 0) and np.all(np.mod(d, 1) == 0))
 
 
+def nonfinite(m) -> tuple[int, int]:
+    """(number of NaN/inf values, row of the first one) in a CSR block; (0, -1) when all are finite."""
+    bad = ~np.isfinite(m.data)
+    n = int(bad.sum())
+    if not n:
+        return 0, -1
+    return n, int(np.searchsorted(m.indptr, np.flatnonzero(bad)[0], side="right") - 1)
+
+
+def cell_label(f, row: int) -> str:
+    """'cell <row> '<obs name>'' for messages; the row alone if obs cannot be read cheaply."""
+    try:
+        obs = f["obs"]
+        key = obs.attrs.get("_index", "_index")
+        name = obs[key.decode() if isinstance(key, bytes) else key][row]
+        return f"cell {row} '{name.decode() if isinstance(name, bytes) else name}'"
+    except Exception:  # only decorates a message: never hide the real error behind this one
+        return f"cell {row}"
+
+
+def value_problem(f, key: str, m, start: int = 0, scope: str = "") -> str | None:
+    """What makes a CSR block not raw counts, in words (None if it is counts). NaN/inf are named as
+    such, with how many and the first cell: they are a broken file, not normalised data."""
+    n_bad, first = nonfinite(m)
+    if n_bad:
+        return f"{key} has {n_bad} NaN/inf values{scope}, the first in {cell_label(f, start + first)}"
+    if not is_counts(m):
+        return f"{key} has negative or non-integer values{scope} (e.g. normalised or log data)"
+    return None
+
+
+def filter_fix(setting: str, to: str = "") -> str:
+    """How to relax one filter setting, spelled for the pipeline and for the `uce` command."""
+    return (f"lower {setting}{to} (pipeline --{setting}, uce --{setting.replace('_', '-')}) or turn the filter "
+            "off (pipeline --filter false, uce --no-filter)")
+
+
+def too_few_cells(path, n_cells: int, min_cells: int) -> str:
+    """The message for a file with fewer cells than min_cells: the gene filter then removes every gene."""
+    return (f"{path}: {n_cells} cells but min_cells={min_cells}: the gene filter keeps genes expressed in >= "
+            f"min_cells cells, so it removes every gene; {filter_fix('min_cells', f' to at most {n_cells}')}")
+
+
 def find_counts(f, path: Path, counts_layer: str | None, sample_rows: int = 2000) -> tuple[str, str]:
     """Return (matrix key, var key) of the raw counts: X, raw/X or layers/<name>; auto-detected when
     counts_layer is None. Detection looks at the first rows; every row is checked later while streaming."""
@@ -61,26 +104,36 @@ def find_counts(f, path: Path, counts_layer: str | None, sample_rows: int = 2000
         return (f"layers/{name}", "var") if "layers" in f and name in f["layers"] else None
 
     layers = sorted(f["layers"].keys()) if "layers" in f else []
+
+    def problem(key):
+        m = H5Matrix(f[key])
+        n = min(sample_rows, m.shape[0])
+        return value_problem(f, key, m.rows(0, n), scope=f" in its first {n} cells" if n < m.shape[0] else "")
+
     if counts_layer:
         c = candidate(counts_layer)
         if c is None:
             raise UserError(f"{path}: counts_layer '{counts_layer}' not found; available: X"
                             f"{', raw' if 'raw' in f else ''}{''.join(', ' + n for n in layers)}")
+        p = problem(c[0])
+        if p:
+            raise UserError(f"{path}: counts_layer '{counts_layer}': {p}; UCE needs raw counts (finite, "
+                            "non-negative integers): fix the file or set counts_layer to the layer that holds them")
         return c
-    tried = []
+    found = []
     for name in ["X", "raw", *[n for n in COUNT_LAYERS if n in layers]]:
         c = candidate(name)
         if c is None:
             continue
-        m = H5Matrix(f[c[0]])
-        if is_counts(m.rows(0, min(sample_rows, m.shape[0]))):
+        p = problem(c[0])
+        if p is None:
             if name != "X":
                 log.warning("%s: X does not hold raw counts; using %s (set counts_layer to choose)", path, name)
             return c
-        tried.append(name)
-    raise UserError(f"{path}: no raw counts found (checked {', '.join(tried) or 'X'}: values are negative or "
-                    "non-integer, e.g. normalised or log data); UCE needs raw counts: set counts_layer to the "
-                    "layer that holds them")
+        found.append(p)
+    what = "; ".join(found) if any("NaN" in p for p in found) else f"no raw counts found ({'; '.join(found) or 'no X'})"
+    raise UserError(f"{path}: {what}; UCE needs raw counts (finite, non-negative integers): fix the file or set "
+                    "counts_layer to the layer that holds them")
 
 
 def gene_symbols(var: pd.DataFrame, path: Path, gene_column: str | None) -> tuple[np.ndarray, str]:
@@ -117,19 +170,39 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
         if n_obs == 0 or n_var == 0:
             raise UserError(f"{input_path}: the matrix is empty ({n_obs} cells x {n_var} genes)")
 
-        # Pass 1: cells expressing each gene (and a full check that every value is a count).
+        # Pass 1: cells expressing each gene (and a full check that every value is a count). Once a
+        # NaN/inf is seen the pass only counts them, so the message says how many there are in all.
         n_cells = np.zeros(n_var, dtype=np.int64)
+        n_nonfinite, first_nonfinite = 0, -1
         for start, m in X.iter_rows(chunk):
+            n_bad, first = nonfinite(m)
+            if n_bad and not n_nonfinite:
+                first_nonfinite = start + first
+            n_nonfinite += n_bad
+            if n_nonfinite:
+                continue
             if not is_counts(m):
                 raise UserError(f"{input_path}: {x_key} has negative or non-integer values in cells "
                                 f"{start}-{start + m.shape[0] - 1}; UCE needs raw counts: set counts_layer")
             n_cells += np.bincount(m.indices[m.data > 0], minlength=n_var)
+        if n_nonfinite:
+            raise UserError(f"{input_path}: {x_key} has {n_nonfinite} NaN/inf values, the first in "
+                            f"{cell_label(f, first_nonfinite)}; UCE needs raw counts (finite, non-negative "
+                            "integers): fix the file or set counts_layer to the layer that holds them")
+        if settings.filter and n_obs < settings.min_cells:
+            raise UserError(too_few_cells(input_path, n_obs, settings.min_cells))
         gene_ok = n_cells >= settings.min_cells if settings.filter else np.ones(n_var, bool)
 
         # Genes with embeddings (case-insensitive) that also have a chromosome position.
         usable = {s.lower() for s, ok in zip(species_file["symbols"], species_file["in_chrom_csv"].numpy()) if ok}
         has_emb = np.array([s.lower() in usable for s in symbols], dtype=bool)
         genes = np.flatnonzero(gene_ok & has_emb)
+        if len(genes) < settings.min_matched_genes and has_emb.sum() >= settings.min_matched_genes:
+            # the symbols match: it is the min_cells filter that removed the genes
+            raise UserError(f"{input_path}: the min_cells filter left {len(genes)} of the {int(has_emb.sum())} genes "
+                            f"that match {species_file['species']} (kept: genes expressed in >= "
+                            f"min_cells={settings.min_cells} of the {n_obs} cells; need >= "
+                            f"{settings.min_matched_genes}); {filter_fix('min_cells')}")
         if len(genes) < settings.min_matched_genes:
             raise UserError(f"{input_path}: only {int(has_emb.sum())} of {n_var} genes match {species_file['species']} "
                             f"gene symbols ({len(genes)} after min_cells); check the species, or set gene_column "
@@ -159,9 +232,12 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
                 writer.append(kept)
             writer.close()
             if not keep.any():
-                raise UserError(f"{input_path}: no cells left after filtering ({int((~keep & ~zero).sum())} below "
-                                f"min_genes={settings.min_genes}, {int(zero.sum())} with zero counts on embedded "
-                                "genes); lower min_genes/min_cells or disable the filter")
+                few = int((~keep & ~zero).sum())
+                fix = (filter_fix("min_genes") if few else
+                       "their counts are all on genes without protein embeddings: check the species or gene_column")
+                raise UserError(f"{input_path}: no cells left after filtering ({few} of {n_obs} cells have fewer than "
+                                f"min_genes={settings.min_genes} expressed genes, {int(zero.sum())} have zero counts "
+                                f"on embedded genes); {fix}")
             obs = read_elem(f["obs"]).iloc[np.flatnonzero(keep)].copy()
             dup_obs = int(obs.index.duplicated().sum())
             if dup_obs:

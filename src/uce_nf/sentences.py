@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .io import H5Matrix, Progress, open_h5ad, save_npz
+from .io import H5Matrix, Progress, UserError, open_h5ad, save_npz
 from .model_files import CHROM_CLOSE, CLS
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,9 @@ def shard_bounds(n_cells: int, shard_size: int, batch_size: int, compat: bool) -
     """Cell ranges of the shards. In compat mode they fall on multiples of batch_size so every forward
     batch of a sharded run is a batch of the unsharded run."""
     if compat:
+        if batch_size < 1:  # the batch defines compat results; 0 ("auto") is for the default mode
+            raise UserError("--batch-size 0 (auto) works only with --compat none; pass the reference's batch "
+                            "size, e.g. 25")
         shard_size = max(batch_size, (shard_size // batch_size) * batch_size)
     return [(s, min(s + shard_size, n_cells)) for s in range(0, n_cells, shard_size)]
 

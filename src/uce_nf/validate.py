@@ -14,6 +14,7 @@ import click
 
 from .io import H5Matrix, UserError, open_h5ad, write_json
 from .model_files import ModelConfig, ModelFiles, species_vocabulary
+from .preprocess import FilterSettings
 
 try:
     from anndata.io import read_elem
@@ -38,18 +39,31 @@ def validate_model_files(files: ModelFiles, species: str, nhead: int | None = No
 
 
 def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | None, counts_layer: str | None,
-                     min_matched_genes: int = 100) -> dict:
-    from .preprocess import find_counts, gene_symbols
+                     min_matched_genes: int = 100, settings: FilterSettings | None = None) -> dict:
+    """Metadata-only checks. With the filter settings it also catches files the filter would empty
+    (fewer cells than min_cells, fewer genes than min_genes), which PREPROCESS would otherwise
+    report as a gene-matching problem after reading every row."""
+    from .preprocess import filter_fix, find_counts, gene_symbols, too_few_cells
+    settings = settings or FilterSettings()
     with open_h5ad(path) as f:
         x_key, var_key = find_counts(f, path, counts_layer)
         shape = H5Matrix(f[x_key]).shape
         symbols, source = gene_symbols(read_elem(f[var_key]), path, gene_column)
+    if shape[0] == 0 or shape[1] == 0:
+        raise UserError(f"{path}: {x_key} is empty ({shape[0]} cells x {shape[1]} genes); nothing to embed: "
+                        "check the export, or remove the row from the samplesheet")
     vocab = {s.lower() for s in species_symbols}
     matched = sum(str(s).lower() in vocab for s in symbols)
     if matched < min_matched_genes:
         raise UserError(f"{path}: only {matched} of {len(symbols)} genes match the species' gene symbols "
                         f"(need >= {min_matched_genes}); check the species column, or set gene_column to the var "
                         "column that holds gene symbols")
+    if settings.filter and shape[0] < settings.min_cells:
+        raise UserError(too_few_cells(path, shape[0], settings.min_cells))
+    if settings.filter and shape[1] < settings.min_genes:
+        raise UserError(f"{path}: {shape[1]} genes but min_genes={settings.min_genes}: the cell filter keeps cells "
+                        f"expressing >= min_genes genes, so it removes every cell; "
+                        f"{filter_fix('min_genes', f' to at most {shape[1]}')}")
     return {"cells": shape[0], "genes": shape[1], "genes_matched": matched, "counts_source": x_key,
             "gene_symbols_from": source}
 
@@ -66,17 +80,23 @@ def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | 
 @click.option("--token-file", type=click.Path(path_type=Path))
 @click.option("--protein-embeddings-dir", type=click.Path(path_type=Path))
 @click.option("--min-matched-genes", type=click.IntRange(1), default=100)
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="JSON summary.")
+@click.option("--filter/--no-filter", "filter_", default=True, help="The filter PREPROCESS will apply (as `uce preprocess`).")
+@click.option("--min-cells", type=click.IntRange(0), default=10)
+@click.option("--min-genes", type=click.IntRange(0), default=25)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="JSON summary; on a problem with the inputs {\"error\": <one line>} (and exit status 2).")
 def validate_command(input_, species, gene_column, counts_layer, model_dir, model, spec_chrom_csv, offset_pkl,
-                     token_file, protein_embeddings_dir, min_matched_genes, output):
+                     token_file, protein_embeddings_dir, min_matched_genes, filter_, min_cells, min_genes, output):
     """Check one dataset and the model files in seconds, before any heavy work."""
     import sys
     try:
         files = ModelFiles(model_dir, model, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir)
         summary = {"model_files": validate_model_files(files, species)}
         summary["dataset"] = validate_dataset(input_, species_vocabulary(files, species), gene_column, counts_layer,
-                                              min_matched_genes)
+                                              min_matched_genes, FilterSettings(filter_, min_cells, min_genes))
     except UserError as e:
+        # The JSON carries the message too: the pipeline reports every bad dataset from it at once.
+        write_json(output, {"error": str(e), "input": str(input_)})
         click.echo(f"ERROR: {e}", err=True)
         sys.exit(2)
     write_json(output, summary)
