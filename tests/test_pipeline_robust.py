@@ -149,8 +149,9 @@ def bad_h5ad_run(tmp_path_factory):
 def test_bad_h5ad_stops_at_validate(bad_h5ad_run, sample, words):
     root, r = bad_h5ad_run
     assert r.returncode != 0
+    # one line per bad dataset, naming the sample and the samplesheet's path (test_validate_launch.py)
     line = next((l.strip() for l in r.stdout.splitlines()
-                 if l.strip().startswith("ERROR") and f"{sample}.h5ad" in l and words in l), None)
+                 if f"VALIDATE: sample '{sample}'" in l and f"{sample}.h5ad" in l and words in l), None)
     assert line, f"no one-line error for {sample} containing '{words}':\n{r.stdout[-4000:]}"
     assert len(line) < 400
     assert not (ran(root) & HEAVY), f"heavy tasks ran: {ran(root)}"

@@ -65,8 +65,22 @@ workflow UCE {
     VALIDATE(ch_validate_in, ch_model)
     ch_versions = ch_versions.mix(VALIDATE.out.versions)
 
-    // Gate: datasets enter the heavy steps only once VALIDATE has passed.
-    ch_validated = VALIDATE.out.json.map { meta, json -> json }
+    // Gate: datasets enter the heavy steps only once VALIDATE has passed. VALIDATE records bad
+    // datasets in its JSON instead of failing, so the run stops here with one line per bad dataset
+    // in the user's terms (sample id, samplesheet path), not in a task's staged paths.
+    ch_user_paths = ch_samplesheet
+        .toList()
+        .map { rows -> [h5ads: rows.collectEntries { r -> [r[0].id, r[1]] }] }
+    ch_validated = VALIDATE.out.json
+        .combine(ch_user_paths)
+        .combine(ch_model.map { files -> [model: files] })
+        .map { meta, json, user, model ->
+            def bad = validationErrors(json, user.h5ads, model.model)
+            if (bad) {
+                error(bad.join('\n'))
+            }
+            json
+        }
     ch_samples = ch_samplesheet
         .combine(ch_validated)
         .map { meta, h5ad, json -> [meta, h5ad] }
@@ -160,6 +174,38 @@ workflow UCE {
     adata    = MERGE.out.adata        // channel: [ meta, <sample>_uce_adata.h5ad ]
     report   = REPORT.out.report      // channel: [ meta, report/ ]
     versions = ch_versions            // channel: versions.yml files
+}
+
+// One line per dataset that failed VALIDATE: "VALIDATE: sample 'id' (<samplesheet path>): <what,
+// how to fix>", with the task's staged names (inputs/N/x.h5ad, model_files/...) put back to the
+// user's paths. Empty when every dataset passed (and for a stub run's placeholder JSON).
+def validationErrors(json, h5ads, model) {
+    def results = new groovy.json.JsonSlurper().parseText(json.text)
+    def failed = results.findAll { id, r -> r instanceof Map && r.error }
+    // stageAs names of VALIDATE's model inputs -> the files they stand for
+    def staged = [['model_files', model[0]], ["checkpoint/${model[1].name}", model[1]]]
+    ['chrom', 'offsets', 'tokens', 'protein'].eachWithIndex { dir, i ->
+        if (model[i + 2]) {
+            staged << ["overrides/${dir}/${model[i + 2].name}", model[i + 2]]
+        }
+    }
+    def order = h5ads.keySet().toList()   // samplesheet order
+    return failed.sort { a, b -> order.indexOf(a.key) <=> order.indexOf(b.key) }.collect { id, r ->
+        def user = h5ads[id] instanceof java.nio.file.Path ? h5ads[id].toUriString() : (h5ads[id] ?: r.input).toString()
+        def msg = r.error.toString()
+        def input = r.input?.toString()
+        if (input && msg.startsWith(input + ': ')) {
+            msg = msg.substring(input.length() + 2)   // the line names the file already
+        }
+        if (input) {
+            msg = msg.replace(input, user)
+        }
+        staged.each { name, real ->
+            def to = java.util.regex.Matcher.quoteReplacement(real instanceof java.nio.file.Path ? real.toUriString() : real.toString())
+            msg = msg.replaceAll('(?<![\\w./-])' + java.util.regex.Pattern.quote(name.toString()) + '(?=/|:|$)', to)
+        }
+        "VALIDATE: sample '${id}' (${user}): ${msg}".toString()
+    }
 }
 
 // A file that must exist, or [] (an empty path input) when the param is not set.

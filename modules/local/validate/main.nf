@@ -1,6 +1,11 @@
 // Checks the whole samplesheet against the model files before any heavy task runs: species
 // known to species_offsets.pkl and species_chrom.csv, protein embeddings present, every
-// h5ad readable with usable gene names and counts. Every other process waits for it.
+// h5ad readable with usable gene names and counts, not emptied by the filter (ext.args:
+// --min-cells/--min-genes/--no-filter). Every other process waits for it.
+// A bad dataset does not fail this task: its one-line error goes into validated.json
+// ({sample: {"error": ..., "input": staged path}}) and the workflow stops the run with one line
+// per bad dataset, naming the sample and the samplesheet's path (which this task never sees).
+// Only a crash of the checks themselves fails the task.
 process VALIDATE {
     tag "${meta.id}"
     label 'process_single'
@@ -41,9 +46,11 @@ process VALIDATE {
     printf '%s\\n' ${tsv_rows.collect { r -> "'" + r + "'" }.join(' ')} > samples.txt
 
     mkdir -p validated
-    failed=0
     while IFS='|' read -r sample h5ad species gene layer; do
-        if ! uce-validate \
+        # exit 2 = a problem with the inputs, recorded in the sample's JSON; any other failure is a
+        # crash of the checks and fails the task with its log
+        rc=0
+        uce-validate \
             --input "\$h5ad" \
             --species "\$species" \
             \${gene:+--gene-column "\$gene"} \
@@ -52,18 +59,16 @@ process VALIDATE {
             --model ${checkpoint} \
             ${overrides} \
             ${args} \
-            --output "validated/\$sample.json" 2> "validated/\$sample.log"; then
+            --output "validated/\$sample.json" 2> "validated/\$sample.log" || rc=\$?
+        if [ "\$rc" -eq 2 ] && [ -s "validated/\$sample.json" ]; then
+            echo "VALIDATE: sample '\$sample': \$(grep -m1 '^ERROR' "validated/\$sample.log" || true)" >&2
+        elif [ "\$rc" -ne 0 ]; then
             cat "validated/\$sample.log" >&2
-            echo "VALIDATE: sample '\$sample' (\$species, \$h5ad) failed: \$(grep -m1 '^ERROR' "validated/\$sample.log" || tail -n1 "validated/\$sample.log")" >&2
-            failed=\$((failed + 1))
+            exit "\$rc"
         fi
     done < samples.txt
-    if [ "\$failed" -gt 0 ]; then
-        echo "VALIDATE: \$failed dataset(s) failed the checks above; fix the samplesheet or the model files" >&2
-        exit 1
-    fi
 
-    # One JSON keyed by sample id
+    # One JSON keyed by sample id (failed samples: {"error": ..., "input": ...})
     python3 - <<'END_PYTHON'
     import json, pathlib
     out = {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path("validated").glob("*.json"))}
