@@ -10,13 +10,25 @@
 include { UCE                     } from './workflows/uce'
 include { PIPELINE_INITIALISATION } from './subworkflows/local/utils_uce_pipeline'
 include { PIPELINE_COMPLETION     } from './subworkflows/local/utils_uce_pipeline'
-include { paramsHelp; asBool      } from './subworkflows/local/utils_params'
+include { paramsHelp; paramHelp; unknownHelpError } from './subworkflows/local/utils_params'
 
 workflow {
 
     main:
-    if (asBool(params.help)) {
-        log.info(paramsHelp("${projectDir}/nextflow_schema.json"))
+    // --help: every param; --help <param>: that one. Both exit before any check or task
+    // (nextflow.config turns the reports off for them).
+    def help = params.help == null ? 'false' : params.help.toString().trim()
+    if (help && help.toLowerCase() != 'false') {
+        def schema = "${projectDir}/nextflow_schema.json"
+        if (help.toLowerCase() == 'true') {
+            log.info(paramsHelp(schema))
+        } else {
+            def text = paramHelp(schema, help.replaceFirst(/^--/, ''))
+            if (text == null) {
+                error(unknownHelpError(schema, help.replaceFirst(/^--/, '')))
+            }
+            log.info(text)
+        }
         System.exit(0)
     }
 

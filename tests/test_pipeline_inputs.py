@@ -104,10 +104,10 @@ def test_bad_param(case, checked):
     assert msg.startswith("ERROR Invalid parameter: ") and PARAMS[case][1] in msg, msg
 
 
-def test_good_params_and_typo_warning(checked):
-    found, out = checked
-    assert found["good"] == "OK" and found["typo"] == "OK"
-    assert "Unknown parameter(s), ignored: --shardsize" in out
+def test_good_params_and_typo_error(checked):
+    found, _ = checked
+    assert found["good"] == "OK"
+    assert found["typo"].startswith("ERROR Invalid parameter: --shardsize: unknown parameter; did you mean --shard_size?")
 
 
 # End to end: the same checks stop a real launch with a non-zero exit before any task.

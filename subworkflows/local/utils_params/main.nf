@@ -4,8 +4,9 @@
 ========================================================================================
     nf-schema/nf-validation are plugins, downloaded at run time: unusable offline. This
     covers what the pipeline needs: type, enum, minimum/maximum, pattern, required, and
-    existence of file-path/directory-path params. Every failure is one line naming the
-    param, what is wrong and how to fix it, and happens before any task is submitted.
+    existence of file-path/directory-path params, unknown params (errors, with a "did you
+    mean"). Every failure is one line naming the param, what is wrong and how to fix it; all
+    of them are reported together, before any task is submitted.
 
     Types are checked leniently on purpose: the strict syntax parser of Nextflow >= 26.04
     passes command-line values as strings ('25', 'false'), the legacy parser converts them.
@@ -48,6 +49,17 @@ def isLocalPath(p) {
     return !(p.toString() ==~ /^[a-zA-Z][a-zA-Z0-9+.-]*:\/\/.*/) || p.toString().startsWith('file://')
 }
 
+// Numeric value of an integer param: a whole-number string or Number, else null. The
+// legacy CLI parser turns a huge number into a Double (99999999999999999999 -> 1.0E20).
+def wholeNumber(value) {
+    if (value instanceof Number) {
+        def d = new BigDecimal(value.toString())
+        return d.stripTrailingZeros().scale() <= 0 ? d : null
+    }
+    def s = value.toString().trim()
+    return s ==~ /^[+-]?\d+$/ ? new BigDecimal(s) : null
+}
+
 // Error message for one param, or null when the value is fine. check_exists: false skips
 // the existence check of file-path/directory-path params (e.g. a folder still to be filled).
 def checkParam(name, prop, value, check_exists) {
@@ -69,10 +81,10 @@ def checkParam(name, prop, value, check_exists) {
         return "${flag} expects a value (${type}), got a bare flag; pass ${flag} <value>${example}"
     }
     if (type == 'integer') {
-        if (!(s ==~ /^[+-]?\d+$/)) {
+        num = wholeNumber(value)
+        if (num == null) {
             return "${flag} expects a whole number, got '${s}'; pass e.g. ${flag} ${prop.default ?: 1}"
         }
-        num = new BigDecimal(s)
     }
     if (type == 'number') {
         if (!s.isNumber()) {
@@ -83,14 +95,21 @@ def checkParam(name, prop, value, check_exists) {
     if (prop['enum'] && !(s in prop['enum'].collect { e -> e.toString() })) {
         return "${flag} must be one of ${prop['enum'].join(', ')}, got '${s}'; pass e.g. ${flag} ${prop['enum'][0]}"
     }
-    if (num != null && prop.minimum != null && num < new BigDecimal(prop.minimum.toString())) {
-        return "${flag} must be >= ${prop.minimum}, got ${s}; pass a larger value${example}"
+    def lo = prop.minimum != null ? new BigDecimal(prop.minimum.toString()) : null
+    def hi = prop.maximum != null ? new BigDecimal(prop.maximum.toString()) : null
+    def shown = num != null ? num.toPlainString() : s
+    if (num != null && lo != null && hi != null && (num < lo || num > hi)) {
+        return "${flag} must be between ${prop.minimum} and ${prop.maximum}, got ${shown}; pass a value in that range${example}"
     }
-    if (num != null && prop.maximum != null && num > new BigDecimal(prop.maximum.toString())) {
-        return "${flag} must be <= ${prop.maximum}, got ${s}; pass a smaller value${example}"
+    if (num != null && lo != null && num < lo) {
+        return "${flag} must be >= ${prop.minimum}, got ${shown}; pass a larger value${example}"
+    }
+    if (num != null && hi != null && num > hi) {
+        return "${flag} must be <= ${prop.maximum}, got ${shown}; pass a smaller value${example}"
     }
     if (prop.pattern && !(s ==~ prop.pattern)) {
-        return "${flag} '${s}' does not match ${prop.pattern}: ${prop.description ?: ''}".trim()
+        // errorMessage: the schema's own wording (nf-schema's key), else the regex
+        return prop.errorMessage ? "${flag} '${s}': ${prop.errorMessage}" : "${flag} '${s}' does not match ${prop.pattern}: ${prop.description ?: ''}".trim()
     }
     if (prop.exists && check_exists && isLocalPath(s)) {
         def f = file(s)
@@ -104,10 +123,72 @@ def checkParam(name, prop, value, check_exists) {
     return null
 }
 
-// Fails the run on the first invalid param (naming how many more there are); warns about
-// params the schema does not know (typos). Also the cross-param rules of this pipeline.
+// Levenshtein distance, for "did you mean" (higher-order functions: no loops in strict syntax).
+def editDistance(a, b) {
+    def prev = (0..b.size()).collect { j -> j }
+    a.toList().eachWithIndex { ca, i ->
+        def cur = [i + 1]
+        b.toList().eachWithIndex { cb, j ->
+            cur << [prev[j + 1] + 1, cur[j] + 1, prev[j] + (ca == cb ? 0 : 1)].min()
+        }
+        prev = cur
+    }
+    return prev[b.size()]
+}
+
+// 'batchSize', 'batch-size', 'Batch_Size' -> 'batch_size'
+def snakeName(name) {
+    return name.toString().replaceAll(/([a-z0-9])([A-Z])/, '$1_$2').replace('-', '_').toLowerCase()
+}
+
+// The closest known param, or null when none is close enough to be a likely typo.
+def closestParam(name, known) {
+    def target = snakeName(name).replace('_', '')
+    def best = known.collect { k -> [k, editDistance(target, snakeName(k).replace('_', ''))] }.min { p -> p[1] }
+    def limit = Math.max(1, Math.min(3, target.size().intdiv(3)))
+    return best && best[1] <= limit ? best[0] : null
+}
+
+// How the user typed a param: Nextflow 24.10 turns `--batch-size` on the command line into
+// the key `batchSize` (a params file keeps `batch-size`), so the command line is consulted.
+def spelledAs(key, command_line) {
+    def k = key.toString()
+    def kebab = k.replaceAll(/([a-z0-9])([A-Z])/, '$1-$2').toLowerCase()
+    def given = (command_line ?: '').toString().tokenize(" \t'\"").collect { t -> t.tokenize('=')[0] }
+    return kebab != k && !("--${k}".toString() in given) && ("--${kebab}".toString() in given) ? "--${kebab}" : "--${k}"
+}
+
+// nf-core params that this pipeline replaced by config settings
+def retiredParams() {
+    def limits = 'resources are capped by process.resourceLimits (and to the machine with the local executor); set e.g. process { resourceLimits = [cpus: 8, memory: 60.GB, time: 24.h] } in a config passed with -c'
+    return [max_cpus: limits, max_memory: limits, max_time: limits]
+}
+
+// One line per unknown param, with a suggestion. Unknown params are errors (as in nf-schema
+// >= 2): a typo would otherwise keep the default silently, e.g. --batch-size 10 -> 25.
+def unknownParamErrors(known, values, command_line) {
+    def retired = retiredParams()
+    def errors = []
+    values.keySet().findAll { k -> !(k.toString() in known) }.each { k ->
+        def flag = spelledAs(k, command_line)
+        def snake = snakeName(k)
+        if (snake in retired) {
+            errors << "${flag}: not a parameter of this pipeline; ${retired[snake]}"
+        } else if (snake in known) {
+            errors << "${flag}: unknown parameter; did you mean --${snake}? (parameters are spelled with underscores)"
+        } else {
+            def near = closestParam(k, known)
+            def hint = near ? "did you mean --${near}?" : 'see --help for the list'
+            errors << "${flag}: unknown parameter; ${hint} (--validate_params false skips this check)"
+        }
+    }
+    return errors
+}
+
+// Every problem of a params map, one line each (empty list: all fine): schema checks,
+// unknown params and the cross-param rules of this pipeline.
 // values: the params map (an argument so that tests can check many sets in one launch).
-def validateParameters(schema_path, values) {
+def paramErrors(schema_path, values, command_line) {
     def props = schemaParams(schema_path)
     def errors = []
     // --download_model_files fills --model_dir: it need not exist yet
@@ -141,19 +222,55 @@ def validateParameters(schema_path, values) {
             }
         }
     }
-    // Unknown params: warn (a typo otherwise silently keeps the default)
-    def known = props.keySet()
-    def unknown = values.keySet().findAll { k ->
-        def snake = k.toString().replaceAll(/([A-Z])/, '_$1').toLowerCase().replace('-', '_')
-        !(k in known) && !(snake in known)
+    // Compat mode replays the reference's batches: batch_size 0 (chosen from GPU memory)
+    // has no reference equivalent (it would divide by zero when shards are rounded).
+    def batch = isBlank(values.batch_size) ? null : wholeNumber(values.batch_size)
+    if (values.compat?.toString() == 'reference' && batch != null && batch == 0) {
+        errors << "--batch_size 0 (auto) works only with --compat none; in compat mode pass the reference's batch size, e.g. --batch_size 25"
     }
-    if (unknown) {
-        log.warn("Unknown parameter(s), ignored: ${unknown.collect { k -> '--' + k }.join(', ')} (see --help)")
-    }
+    errors.addAll(unknownParamErrors(props.keySet(), values, command_line))
+    return errors
+}
+
+// Fails with every invalid param, one line each (the harness of tests/nextflow calls this).
+def validateParameters(schema_path, values) {
+    def errors = paramErrors(schema_path, values, workflow.commandLine)
     if (errors) {
-        def more = errors.size() > 1 ? " (and ${errors.size() - 1} more invalid parameter(s))" : ''
-        error("Invalid parameter: ${errors[0]}${more}")
+        error(errors.collect { e -> "Invalid parameter: ${e}" }.join('\n'))
     }
+}
+
+// --help <param>: type, default, range, choices and description of one param, or null
+// when the schema does not know it.
+def paramHelp(schema_path, name) {
+    def props = schemaParams(schema_path)
+    def prop = props[name.toString()]
+    if (prop == null) {
+        return null
+    }
+    def type = prop.type instanceof List ? prop.type.join('|') : prop.type
+    def lines = ["--${name}  [${type}]  (${prop.group})", "    ${prop.description ?: 'no description'}"]
+    if (prop['enum']) {
+        lines << "    choices: ${prop['enum'].join(', ')}"
+    }
+    if (prop.minimum != null && prop.maximum != null) {
+        lines << "    range: ${prop.minimum} .. ${prop.maximum}"
+    } else if (prop.minimum != null) {
+        lines << "    minimum: ${prop.minimum}"
+    } else if (prop.maximum != null) {
+        lines << "    maximum: ${prop.maximum}"
+    }
+    if (prop.pattern) {
+        lines << "    pattern: ${prop.pattern}"
+    }
+    lines << "    default: ${prop.default != null ? prop.default : 'none'}${prop.required ? ' (required)' : ''}"
+    return '\n' + lines.join('\n') + '\n'
+}
+
+// Error line for --help <name> when the schema does not know <name>.
+def unknownHelpError(schema_path, name) {
+    def near = closestParam(name, schemaParams(schema_path).keySet())
+    return "--help ${name}: unknown parameter; ${near ? "did you mean --help ${near}?" : 'run --help for the list'}"
 }
 
 // --help text: every non-hidden param of the schema, by group.
@@ -167,6 +284,7 @@ def paramsHelp(schema_path) {
         'Typical command:',
         "  nextflow run ${workflow.manifest.name} -profile docker,gpu --input samplesheet.csv --model_dir model_files --outdir results",
         '  nextflow run . -profile test --outdir results      # offline CPU demo',
+        '  nextflow run . --help batch_size                   # one parameter in detail',
         ''
     ]
     props.findAll { name, prop -> !prop.hidden }.groupBy { name, prop -> prop.group }.each { group, members ->
