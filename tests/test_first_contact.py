@@ -63,7 +63,7 @@ def test_uns_uce_numbers_and_booleans_are_typed(small, model_dir, tmp_path):
     u = ad.read_h5ad(out).uns["uce"]
     for key in ("seed", "batch_size", "nlayers", "n_shards"):
         assert isinstance(u[key], (int, np.integer)) and not isinstance(u[key], (bool, np.bool_)), (key, u[key])
-    assert u["seed"] == 7 and u["batch_size"] == 25
+    assert u["seed"] == 7 and u["batch_size"] == 0  # default mode without --batch-size: a token budget
     assert isinstance(u["embed_seconds"], (float, np.floating))
     p = u["preprocess"]
     assert isinstance(p["filter"], (bool, np.bool_)) and bool(p["filter"]) is True

@@ -112,6 +112,7 @@ def index_cmd(adata, species_file, output):
     save_index(index_genes(ad.read_h5ad(adata, backed="r").var_names, load_species(species_file)), output)
 
 
+REFERENCE_BATCH_SIZE = 25  # eval_single_anndata's --batch_size default
 SEED_RANGE = click.IntRange(0, 2**32 - 1)  # numpy's RandomState range; the pipeline schema's too
 AUTO_BATCH_COMPAT = ("--batch-size 0 (auto) works only with --compat none; pass the reference's batch size, "
                      "e.g. 25")
@@ -127,13 +128,17 @@ def sampling_options(fn):
         if k.get("compat") == "reference" and k.get("batch_size") == 0:
             click.echo(f"ERROR: {AUTO_BATCH_COMPAT}", err=True)
             sys.exit(2)
+        if k.get("batch_size") is None and k.get("compat") == "reference":
+            k["batch_size"] = REFERENCE_BATCH_SIZE
         return fn(*a, **k)
 
     for opt in reversed([
         click.option("--seed", type=SEED_RANGE, default=0, help="Random seed (the reference itself is unseeded)."),
         click.option("--compat", type=click.Choice(["none", "reference"]), default="none",
                      help="reference: reproduce uce-model bit for bit (seeded); none: context-free, batch-invariant."),
-        click.option("--batch-size", type=click.IntRange(0), default=25, help="Cells per forward batch (0: auto from GPU memory, default mode only)."),
+        click.option("--batch-size", type=click.IntRange(0), default=None,
+                     help="Cells per forward batch. Default: the reference's 25 in compat mode; in default mode "
+                          "batches fill a token budget sized from free GPU memory (0 means the same), and N caps them."),
     ]):
         checked = opt(checked)
     return checked
@@ -172,15 +177,18 @@ def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision,
     from .embed import EmbedSettings, Embedder
     from .sentences import load_sentences
     from .species import check_species_file_checkpoint, load_species
+    from .devices import claim_device
     files = _files(o)
     sf = load_species(species_file)
     check_species_file_checkpoint(sf, species_file, files.paths["model"])
+    if device != "cpu":
+        claim_device()  # one free GPU of this node for this task; before torch touches CUDA
     emb = Embedder(files.checkpoint(), sf, EmbedSettings(compat == "reference", batch_size, precision, device, compile_), o["nhead"])
     s = load_sentences(sentences_path)
     t0 = time.time()
     out = emb.embed(s)
     save_npz(output, embeddings=out, cell_index=s["cell_index"], precision=str(emb.dtype).replace("torch.", ""),
-             device=str(emb.device), seconds=time.time() - t0)
+             seconds=time.time() - t0, oom_splits=emb.oom_splits, **emb.device_info())
 
 
 @main.command("merge", context_settings=CTX)
@@ -205,9 +213,12 @@ def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, 
 def provenance(sf: dict, st: dict, seed, compat, batch_size, shards) -> dict:
     return {"version": __version__, "species": sf["species"], "model_file": sf["model"]["file"],
             "model_sha256": sf["model"]["sha256"], "nlayers": int(sf["model"]["config"]["nlayers"]),
-            "compat": compat, "seed": int(seed), "batch_size": int(batch_size),
+            "compat": compat, "seed": int(seed), "batch_size": int(batch_size or 0),
+            "batching": "consecutive cells" if compat == "reference" else "equal-length sentences, token budget",
             "precision": str(shards[0]["precision"]), "device": str(shards[0]["device"]),
             "n_shards": len(shards), "embed_seconds": float(sum(float(s["seconds"]) for s in shards)),
+            "gpu_names": sorted({str(s["gpu_name"]) for s in shards if "gpu_name" in s}),
+            "oom_splits": int(sum(int(s.get("oom_splits", 0)) for s in shards)),
             "preprocess": st}
 
 
@@ -226,6 +237,12 @@ def provenance(sf: dict, st: dict, seed, compat, batch_size, shards) -> dict:
 @click.pass_context
 def run_cmd(ctx, input_, species, output, **o):
     """All steps in one process, for users without Nextflow."""
+    if o["device"] == "cuda":  # a missing GPU is found before any heavy step
+        from .devices import claim_device, cuda_problem
+        claim_device()
+        if problem := cuda_problem():
+            click.echo(f"ERROR: --device cuda: {problem}", err=True)
+            sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="uce-run-", dir=output.parent if output.parent.exists() else None) as d:
         d = Path(d)
         name = input_.name.removesuffix(".h5ad")

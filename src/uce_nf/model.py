@@ -58,14 +58,16 @@ class UCE(nn.Module):
         self.head = nn.Linear(cfg.output_dim, cfg.output_dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x: projected tokens [B, L, D]; bias: [B, 1, 1, L] additive. Returns unit embeddings [B, out]."""
+        """x: projected tokens [B, L, D]; bias: [B, 1, 1, L] additive, or None (no padding).
+        Returns unit embeddings [B, out]."""
         x = x + self.pe[: x.shape[1]]
         for i, block in enumerate(self.blocks):
             x = block(x, bias, cls_only=i == len(self.blocks) - 1)
-        h = x[:, 0]  # CLS  [B, D]
-        for layer in self.decoder:
-            h = layer(h)
-        return F.normalize(self.head(h).float(), dim=1)
+        h = x[:, 0].float()  # CLS  [B, D]
+        with torch.autocast(x.device.type, enabled=False):  # one position per cell: fp32 here costs nothing
+            for layer in self.decoder:
+                h = layer(h)
+            return F.normalize(self.head(h), dim=1)
 
     @classmethod
     def from_checkpoint(cls, sd: dict, cfg: ModelConfig) -> "UCE":
