@@ -242,6 +242,17 @@ def test_compat_batch_size_zero_fails_at_launch(tmp_path):
     assert not out.exists(), snapshot(out)
 
 
+def test_samplesheet_error_leaves_no_outdir(tmp_path):
+    _, models = make_fake_inputs(tmp_path)
+    sheet = tmp_path / "dup.csv"
+    sheet.write_text("sample,h5ad,species\ns1,data/a.h5ad,human\ns1,data/b.h5ad,human\n")
+    out = tmp_path / "out"
+    r = launch(tmp_path, "-stub-run", "--input", str(sheet), "--model_dir", str(models), "--outdir", str(out))
+    assert_no_task(r)
+    assert "dup.csv line 3: duplicate sample 's1'" in r.stdout, r.stdout
+    assert not out.exists(), snapshot(out)
+
+
 def test_help_param_prints_and_exits(tmp_path):
     r = run_nf(["run", str(REPO), "-ansi-log", "false", "--help", "compat"], cwd=tmp_path, timeout=300)
     assert_ok(r)
