@@ -20,6 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
 
@@ -118,18 +119,8 @@ def _gpu_stats(device: str) -> dict:
 
 
 def _reference_model_class():
-    """uce-model's TransformerModel, loaded from its module file alone: `import uce.model` runs the
-    package's __init__, which imports scanpy, accelerate, cellxgene_census and more, none of which
-    the model needs (and which a bare GPU machine lacks)."""
-    import importlib.util
-    spec = importlib.util.find_spec("uce")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the reference (uce-model 0.1.4) is not installed: pip install uce-model==0.1.4 --no-deps")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model.py"
-    mod_spec = importlib.util.spec_from_file_location("uce_reference_model", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.TransformerModel
+    from reference_model import reference_model_class
+    return reference_model_class()
 
 
 def ref_forward(model_dir: str, sentences: str, n_cells: int, batch_size: int, model: str = "4layer_model.torch",
