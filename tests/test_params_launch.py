@@ -194,7 +194,7 @@ def test_good_sets(checked):
 def test_param_help_text(checked):
     text = checked["help_batch_size"]
     assert text.startswith("HELP --batch_size  [integer]  (Embedding)")
-    assert "Cells per forward batch" in text and "default: 25" in text and "minimum: 0" in text
+    assert "Cells per forward batch" in text and "the reference's 25" in text and "minimum: 0" in text
     assert "choices: none, reference" in checked["help_compat"] and "default: none" in checked["help_compat"]
     assert "range: 0 .. 4294967295" in checked["help_seed"]
     assert checked["help_unknown"] == "HELP null"

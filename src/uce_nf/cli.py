@@ -168,11 +168,18 @@ def sentences_cmd(adata, index_path, seed, compat, batch_size, shard_size, worke
 @model_file_options
 @sampling_options
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", help="auto: bf16 on GPU, fp32 on CPU and in compat mode.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="auto: CUDA when usable, else CPU (logged); cuda: a GPU or a one-line error.")
+@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder shared by the node's EMBED tasks, where each claims one free GPU "
+                   "(default: $UCE_NF_GPU_LOCK_DIR or /tmp/uce-nf-gpu-locks).")
+@click.option("--gpu-wait", type=click.IntRange(0), default=24 * 3600,
+              help="Seconds to wait for a free GPU when every GPU of the node is claimed.")
 @click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the model.")
 @click.option("--output", type=PathOut, required=True, help="Embeddings file (.embeddings.npz).")
 @handle_errors
-def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision, device, compile_, output, **o):
+def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision, device, compile_, output,
+              gpu_lock_dir=None, gpu_wait=0, **o):
     """Run the model over one shard."""
     from .embed import EmbedSettings, Embedder
     from .sentences import load_sentences
@@ -182,7 +189,7 @@ def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision,
     sf = load_species(species_file)
     check_species_file_checkpoint(sf, species_file, files.paths["model"])
     if device != "cpu":
-        claim_device()  # one free GPU of this node for this task; before torch touches CUDA
+        claim_device(gpu_lock_dir, wait_s=gpu_wait)  # one free GPU of this node; before torch touches CUDA
     emb = Embedder(files.checkpoint(), sf, EmbedSettings(compat == "reference", batch_size, precision, device, compile_), o["nhead"])
     s = load_sentences(sentences_path)
     t0 = time.time()

@@ -83,7 +83,7 @@ def claim_device(lock_dir: str | os.PathLike | None = None, wait_s: float = 0.0,
         return _expose(devices[0])
     folder = Path(lock_dir or os.environ.get("UCE_NF_GPU_LOCK_DIR") or DEFAULT_LOCK_DIR)
     folder.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + wait_s
+    deadline, waited = time.monotonic() + wait_s, False
     while True:
         for d in devices:
             f = open(folder / f"{d.uuid or d.index}.lock", "a+")
@@ -102,6 +102,9 @@ def claim_device(lock_dir: str | os.PathLike | None = None, wait_s: float = 0.0,
             raise UserError(f"all {len(devices)} GPUs of this node are claimed by other EMBED tasks (locks in {folder}); "
                             "run at most one EMBED task per GPU (process_gpu maxForks, or executor.cpus/memory), "
                             "or give this task its own GPU through CUDA_VISIBLE_DEVICES")
+        if not waited:
+            log.info("all %d GPUs of this node are claimed (locks in %s): waiting for one", len(devices), folder)
+            waited = True
         time.sleep(poll_s)
 
 
