@@ -79,14 +79,16 @@ def test_uns_uce_numbers_and_booleans_are_typed(small, model_dir, tmp_path):
 def test_uns_uce_lists_and_arrays_keep_their_types(small, tmp_path):
     """Lists of numbers/booleans stay numeric arrays (they were written as strings: '25', 'True'),
     0-d arrays (np.load of a scalar) become scalars, nested dicts keep their types too."""
-    from uce_nf.output import write_output
+    from uce_nf.io import save_npz
+    from uce_nf.output import open_shards, write_merged
     n = ad.read_h5ad(small / "p.h5ad", backed="r").n_obs
     emb = np.zeros((n, 4), np.float32)
     emb[:, 0] = 1
+    save_npz(tmp_path / "s.embeddings.npz", embeddings=emb, cell_index=np.arange(n))
     prov = {"seed": 0, "batch_sizes": [25, 50], "flags": [True, False], "fractions": [0.5, 1],
             "device_index": np.array(3), "nested": {"filter": True, "min_cells": 10, "deeper": {"sizes": [1, 2]}},
             "names": ["a", "b"], "unset": None}
-    write_output(small / "p.h5ad", emb, prov, tmp_path / "o.h5ad")
+    write_merged(small / "p.h5ad", open_shards([tmp_path / "s.embeddings.npz"]), prov, tmp_path / "o.h5ad")
     u = ad.read_h5ad(tmp_path / "o.h5ad").uns["uce"]
     assert np.issubdtype(u["batch_sizes"].dtype, np.integer) and list(u["batch_sizes"]) == [25, 50]
     assert u["flags"].dtype == bool and list(u["flags"]) == [True, False]

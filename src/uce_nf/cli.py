@@ -198,26 +198,46 @@ def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision,
              seconds=time.time() - t0, oom_splits=emb.oom_splits, **emb.device_info())
 
 
+OUTPUT_MODES = ("full", "embeddings")
+
+
+def output_mode_option(fn):
+    return click.option("--output-mode", type=click.Choice(OUTPUT_MODES), default="full",
+                        help="full: the processed AnnData (filtered cells, counts) + obsm['X_uce'], the reference's "
+                             "file; embeddings: every input cell in input order with the input's obs, X_uce (NaN for "
+                             "cells the filters dropped) and obs['uce_embedded'], no counts, plus <output>.parquet.")(fn)
+
+
 @main.command("merge", context_settings=CTX)
 @click.option("--adata", type=PathIn, required=True, help="Processed h5ad.")
 @click.option("--embeddings", type=PathIn, multiple=True, required=True, help="Every shard's embeddings file.")
 @click.option("--stats", type=PathIn, required=True, help="Preprocess stats JSON.")
 @click.option("--species-file", type=PathIn, required=True)
 @sampling_options
-@click.option("--output", type=PathOut, required=True)
+@output_mode_option
+@click.option("--input", "input_", type=PathIn, default=None,
+              help="The h5ad PREPROCESS read (read only, its obs alone); needed by --output-mode embeddings.")
+@click.option("--output", type=PathOut, required=True,
+              help="Result h5ad (<name>_uce_adata.h5ad; <name>_uce.h5ad in embeddings mode, .parquet beside it).")
 @handle_errors
-def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, output):
-    """Write <name>_uce_adata.h5ad: processed AnnData + obsm['X_uce'] + uns['uce']."""
+def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, output_mode, input_, output):
+    """Write the result: obsm['X_uce'] streamed shard by shard, obs['uce_input_row'/'uce_input_name'], uns['uce']."""
     import json
-    from .output import gather_embeddings, write_output
+    from .io import UserError
+    from .output import open_shards, write_merged
     from .species import load_species
-    shards = [dict(np.load(p)) for p in embeddings]
+    if output_mode == "embeddings" and input_ is None:
+        raise UserError("--output-mode embeddings needs --input, the h5ad that PREPROCESS read (for its obs)")
+    shards = open_shards(embeddings)  # small arrays only; the rows are streamed while writing
     st = json.loads(Path(stats).read_text())
-    write_output(adata, gather_embeddings(st["cells_kept"], shards),
-                 provenance(load_species(species_file), st, seed, compat, batch_size, shards), output)
+    prov = provenance(load_species(species_file), st, seed, compat, batch_size, [s.meta for s in shards], output_mode)
+    res = write_merged(adata, shards, prov, output, mode=output_mode, input_h5ad=input_,
+                       renamed=int(st.get("duplicate_obs_names", 0)) > 0, expect_cells=st.get("cells_kept"))
+    log.info("wrote %s (%d cells, %d embedded)", ", ".join(map(str, res["files"])), res["cells"], res["embedded"])
 
 
-def provenance(sf: dict, st: dict, seed, compat, batch_size, shards) -> dict:
+def provenance(sf: dict, st: dict, seed, compat, batch_size, shards, output_mode: str = "full") -> dict:
+    """uns['uce']; `shards`: each shard's small entries (precision, device, seconds, ...)."""
     return {"version": __version__, "species": sf["species"], "model_file": sf["model"]["file"],
             "model_sha256": sf["model"]["sha256"], "nlayers": int(sf["model"]["config"]["nlayers"]),
             "compat": compat, "seed": int(seed), "batch_size": int(batch_size or 0),
@@ -226,7 +246,7 @@ def provenance(sf: dict, st: dict, seed, compat, batch_size, shards) -> dict:
             "n_shards": len(shards), "embed_seconds": float(sum(float(s["seconds"]) for s in shards)),
             "gpu_names": sorted({str(s["gpu_name"]) for s in shards if "gpu_name" in s}),
             "oom_splits": int(sum(int(s.get("oom_splits", 0)) for s in shards)),
-            "preprocess": st}
+            "output_mode": output_mode, "preprocess": st}
 
 
 @main.command("run", context_settings=CTX)
@@ -240,7 +260,9 @@ def provenance(sf: dict, st: dict, seed, compat, batch_size, shards) -> dict:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--workers", type=click.IntRange(1), default=None)
-@click.option("--output", type=PathOut, required=True, help="Result h5ad (<name>_uce_adata.h5ad).")
+@output_mode_option
+@click.option("--output", type=PathOut, required=True,
+              help="Result h5ad (<name>_uce_adata.h5ad; <name>_uce.h5ad in embeddings mode, .parquet beside it).")
 @click.pass_context
 def run_cmd(ctx, input_, species, output, **o):
     """All steps in one process, for users without Nextflow."""
@@ -266,8 +288,8 @@ def run_cmd(ctx, input_, species, output, **o):
         emb = d / f"{name}.shard-00000.embeddings.npz"
         ctx.invoke(embed_cmd, sentences_path=shard, species_file=sf, precision=o["precision"], device=o["device"],
                    compile_=False, output=emb, **common, **samp)
-        ctx.invoke(merge_cmd, adata=proc, embeddings=(emb,), stats=stats, species_file=sf, output=output, **samp)
-    log.info("wrote %s", output)
+        ctx.invoke(merge_cmd, adata=proc, embeddings=(emb,), stats=stats, species_file=sf, output=output,
+                   output_mode=o["output_mode"], input_=input_, **samp)
 
 
 def _register_optional():

@@ -239,6 +239,8 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
                                 f"min_genes={settings.min_genes} expressed genes, {int(zero.sum())} have zero counts "
                                 f"on embedded genes); {fix}")
             obs = read_elem(f["obs"]).iloc[np.flatnonzero(keep)].copy()
+            # each kept cell's row in the input: MERGE maps results back by it (names may repeat)
+            obs["uce_input_row"] = np.flatnonzero(keep).astype(np.int64)
             dup_obs = int(obs.index.duplicated().sum())
             if dup_obs:
                 log.warning("%s: %d duplicated obs names made unique; originals kept in obs['original_obs_name']",
