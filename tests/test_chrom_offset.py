@@ -111,3 +111,16 @@ def test_species_file_of_another_checkpoint_is_refused(model_dir, tmp_path):
     assert len(out.strip().splitlines()) == 1 and not (tmp_path / "e.npz").exists()
     run_uce("embed", "--sentences", shard, "--species-file", sf, "--model-dir", model_dir, "--output", tmp_path / "e.npz")
     assert (tmp_path / "e.npz").exists()
+
+
+@pytest.mark.nextflow
+def test_pipeline_stops_at_validate_on_an_impossible_offset(tmp_path):
+    """--chrom_token_offset inside the gene rows: one line from VALIDATE, before any heavy task."""
+    from nf_utils import run_pipeline
+    r = run_pipeline(tmp_path, "--outdir", str(tmp_path / "out"), "--chrom_token_offset", "100")
+    assert r.returncode != 0, r.stdout[-3000:]
+    first = next(line for line in r.stdout.splitlines() if "VALIDATE: sample" in line)
+    assert "'pbmc_demo'" in first and "--chrom_token_offset 100 lands inside the gene rows" in first, first
+    started = {sh.read_text().split("uce-", 1)[1].split()[0] for sh in (tmp_path / "work").glob("*/*/.command.sh")
+               if "uce-" in sh.read_text()}
+    assert started == {"validate"}, started

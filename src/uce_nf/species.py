@@ -35,21 +35,7 @@ def prepare_species(files: ModelFiles, species: str, nhead: int | None = None,
     symbols = species_vocabulary(files, species)
     token_ids = np.arange(len(symbols), dtype=np.int64) + offsets[species]
 
-    chroms = files.chrom_table()
-    n_cat = len(chroms["spec_chrom"].cat.categories)
-    rows = chroms[chroms["species"] == species]
-    dup = rows["gene_symbol"].duplicated()
-    if dup.any():  # the reference would silently misalign here; keep the first row, say so
-        log.warning("%s: %d duplicated gene symbols for %s; using the first row of each",
-                    files.paths["spec_chrom_csv"], int(dup.sum()), species)
-        rows = rows[~dup]
-    rows = rows.set_index("gene_symbol").reindex(symbols)
-    in_csv = rows["start"].notna().to_numpy()
-    codes = np.where(in_csv, rows["spec_chrom"].cat.codes.to_numpy(), -1).astype(chrom_code_dtype(n_cat))
-    starts = np.where(in_csv, rows["start"].fillna(0).to_numpy(), 0).astype(np.int64)
-    if not in_csv.all():
-        log.warning("%d of %d %s genes with embeddings are missing from %s and will not be used",
-                    int((~in_csv).sum()), len(symbols), species, files.paths["spec_chrom_csv"])
+    codes, starts, in_csv, n_cat = species_chromosomes(files, species, symbols)
 
     sd = files.checkpoint()
     config = ModelConfig.from_state_dict(sd, nhead)
@@ -73,6 +59,37 @@ def prepare_species(files: ModelFiles, species: str, nhead: int | None = None,
         "model": {"file": files.paths["model"].name, "sha256": sha256_of(files.paths["model"]),
                   "size": files.paths["model"].stat().st_size, "config": config.__dict__},
     }
+
+
+def species_chromosomes(files: ModelFiles, species: str, symbols: list[str]):
+    """Per vocabulary symbol: global chromosome category code (§3.5), start, whether the csv has it;
+    and the number of categories."""
+    chroms = files.chrom_table()
+    n_cat = len(chroms["spec_chrom"].cat.categories)
+    rows = chroms[chroms["species"] == species]
+    dup = rows["gene_symbol"].duplicated()
+    if dup.any():  # the reference would silently misalign here; keep the first row, say so
+        log.warning("%s: %d duplicated gene symbols for %s; using the first row of each",
+                    files.paths["spec_chrom_csv"], int(dup.sum()), species)
+        rows = rows[~dup]
+    rows = rows.set_index("gene_symbol").reindex(symbols)
+    in_csv = rows["start"].notna().to_numpy()
+    codes = np.where(in_csv, rows["spec_chrom"].cat.codes.to_numpy(), -1).astype(chrom_code_dtype(n_cat))
+    starts = np.where(in_csv, rows["start"].fillna(0).to_numpy(), 0).astype(np.int64)
+    if not in_csv.all():
+        log.warning("%d of %d %s genes with embeddings are missing from %s and will not be used",
+                    int((~in_csv).sum()), len(symbols), species, files.paths["spec_chrom_csv"])
+    return codes, starts, in_csv, n_cat
+
+
+def chrom_token_offset_for(files: ModelFiles, species: str, given: int | None = None, sd: dict | None = None) -> int:
+    """The offset prepare_species will use, checked, without projecting anything (VALIDATE)."""
+    symbols = species_vocabulary(files, species)
+    codes, _, in_csv, n_cat = species_chromosomes(files, species, symbols)
+    sd = sd if sd is not None else files.checkpoint()
+    table = token_table(files, sd)
+    return resolve_chrom_token_offset(files, species, len(symbols), int(table.shape[0]),
+                                      table is sd["pe_embedding.weight"], codes[in_csv], n_cat, given)
 
 
 def resolve_chrom_token_offset(files: ModelFiles, species: str, n_genes: int, table_rows: int,

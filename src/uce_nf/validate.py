@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-def validate_model_files(files: ModelFiles, species: str, nhead: int | None = None) -> dict:
+def validate_model_files(files: ModelFiles, species: str, nhead: int | None = None,
+                         chrom_token_offset: int | None = None) -> dict:
     files.check()
     offsets = files.species_offsets()
     if species not in offsets:
@@ -35,7 +36,10 @@ def validate_model_files(files: ModelFiles, species: str, nhead: int | None = No
     if width != cfg.token_dim:
         raise UserError(f"{files.paths['token_file']}: token width {width} does not match the checkpoint's token_dim "
                         f"{cfg.token_dim} ({files.paths['model'].name}); use the token file of this model")
-    return {"model": files.paths["model"].name, "config": cfg.__dict__, "token_rows": rows}
+    from .species import chrom_token_offset_for
+    offset = chrom_token_offset_for(files, species, chrom_token_offset, sd)  # impossible values: one line, now
+    return {"model": files.paths["model"].name, "config": cfg.__dict__, "token_rows": rows,
+            "chrom_token_offset": offset}
 
 
 def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | None, counts_layer: str | None,
@@ -80,18 +84,21 @@ def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | 
 @click.option("--token-file", type=click.Path(path_type=Path))
 @click.option("--protein-embeddings-dir", type=click.Path(path_type=Path))
 @click.option("--min-matched-genes", type=click.IntRange(1), default=100)
+@click.option("--chrom-token-offset", type=click.IntRange(0), default=None,
+              help="As `uce prepare-species`: checked here, before any heavy step.")
 @click.option("--filter/--no-filter", "filter_", default=True, help="The filter PREPROCESS will apply (as `uce preprocess`).")
 @click.option("--min-cells", type=click.IntRange(0), default=10)
 @click.option("--min-genes", type=click.IntRange(0), default=25)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="JSON summary; on a problem with the inputs {\"error\": <one line>} (and exit status 2).")
 def validate_command(input_, species, gene_column, counts_layer, model_dir, model, spec_chrom_csv, offset_pkl,
-                     token_file, protein_embeddings_dir, min_matched_genes, filter_, min_cells, min_genes, output):
+                     token_file, protein_embeddings_dir, min_matched_genes, chrom_token_offset, filter_, min_cells,
+                     min_genes, output):
     """Check one dataset and the model files in seconds, before any heavy work."""
     import sys
     try:
         files = ModelFiles(model_dir, model, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir)
-        summary = {"model_files": validate_model_files(files, species)}
+        summary = {"model_files": validate_model_files(files, species, chrom_token_offset=chrom_token_offset)}
         summary["dataset"] = validate_dataset(input_, species_vocabulary(files, species), gene_column, counts_layer,
                                               min_matched_genes, FilterSettings(filter_, min_cells, min_genes))
     except UserError as e:
