@@ -169,3 +169,10 @@ def test_default_batches_have_equal_lengths(shard, model_dir):
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
     assert all(len(set(lengths[b].tolist())) == 1 for b in batches)
     assert all(emb._prepare(s, b)[1] is None for b in batches), "no padding, so no mask"
+
+
+def test_report_names_the_gpu_of_each_run():
+    from uce_nf.report_html import _device
+    assert _device({"device": "cpu", "gpu_names": []}) == "cpu"
+    assert _device({"device": "cuda", "gpu_names": ["NVIDIA H200"], "gpu_devices": ["GPU-aaaa-0000", "GPU-bbbb-1111"]}) \
+        == "cuda: NVIDIA H200 (GPU-aaaa-0000, GPU-bbbb-1111)"

@@ -245,6 +245,7 @@ def provenance(sf: dict, st: dict, seed, compat, batch_size, shards, output_mode
             "precision": str(shards[0]["precision"]), "device": str(shards[0]["device"]),
             "n_shards": len(shards), "embed_seconds": float(sum(float(s["seconds"]) for s in shards)),
             "gpu_names": sorted({str(s["gpu_name"]) for s in shards if "gpu_name" in s}),
+            "gpu_devices": sorted({str(s["gpu_visible_as"]) for s in shards if "gpu_visible_as" in s}),
             "oom_splits": int(sum(int(s.get("oom_splits", 0)) for s in shards)),
             "output_mode": output_mode, "preprocess": st}
 

@@ -184,7 +184,7 @@ def render_html(samples: list[Sample], *, threshold: float, map_method: str, tra
         row = (f'<tr id="run-{esc(s.name)}"><td class="l"><b>{esc(s.name)}</b></td><td class="l">{_model(p)}</td>'
                f"<td>{esc(p.get('compat', '–'))}</td><td>{esc(p.get('seed', '–'))}</td>"
                f"<td>{esc(p.get('batch_size', '–'))}</td><td>{esc(p.get('precision', '–'))}</td>"
-               f"<td>{esc(p.get('device', '–'))}</td><td>{esc(p.get('n_shards', '–'))}</td>"
+               f"<td>{esc(_device(p))}</td><td>{esc(p.get('n_shards', '–'))}</td>"
                f"<td>{fmt_secs(s.pre.get('seconds'))}</td><td>{fmt_secs(p.get('embed_seconds'))}</td>")
         if trace is not None:
             parts = [f"{esc(k)} {fmt_secs(v['realtime_s'])}" + (f" ({v['tasks']} tasks)" if v["tasks"] > 1 else "")
@@ -322,3 +322,12 @@ def multiqc_content(samples: list[Sample], threshold: float) -> dict:
         },
         "data": {s.name: row(s) for s in samples},
     }
+
+
+def _device(p: dict) -> str:
+    """cpu, or cuda with the GPU model(s) and the device(s) the shards ran on (uuid or index)."""
+    gpus = [str(g) for g in list(p.get("gpu_names", []))]
+    devs = [str(d) for d in list(p.get("gpu_devices", []))]
+    if not gpus:
+        return str(p.get("device", "–"))
+    return f"{p.get('device', 'cuda')}: {', '.join(gpus)}" + (f" ({', '.join(devs)})" if devs else "")
