@@ -4,13 +4,11 @@ node's GPU lock folder. SLURM is a stand-in sbatch/squeue that runs each job loc
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-from nf_utils import REPO, assert_ok, make_fake_inputs, read_trace, run_nf, simple_name
-from test_params_launch import FAKE_SBATCH
+from nf_utils import REPO, assert_ok, fake_slurm, make_fake_inputs, read_trace, run_nf, simple_name
 
 pytestmark = pytest.mark.nextflow
 
@@ -33,19 +31,14 @@ def test_nextflow_config_shows_the_gpu_request_on_embed_only(tmp_path):
 
 def test_slurm_gpu_stub_run_requests_a_gpu_for_embed_only(tmp_path):
     sheet, models = make_fake_inputs(tmp_path)
-    fake = tmp_path / "fakebin"
-    fake.mkdir()
-    (fake / "sbatch").write_text(FAKE_SBATCH)
-    (fake / "squeue").write_text("#!/bin/bash\nexit 0\n")
-    for f in fake.iterdir():
-        f.chmod(0o755)
+    path = fake_slurm(tmp_path)
     fast = tmp_path / "fast.config"
     fast.write_text("executor {\n    submitRateLimit = '100/1s'\n    pollInterval = '200ms'\n    queueStatInterval = '1s'\n}\n")
     out = tmp_path / "out"
     r = run_nf(["run", str(REPO), "-profile", "slurm,gpu", "-c", str(fast), "-ansi-log", "false", "-stub-run",
                 "-w", str(tmp_path / "work"), "--input", str(sheet), "--model_dir", str(models), "--outdir", str(out),
                 "--slurm_cluster_options=--account=lab", "--trace_report_suffix", "s"],
-               cwd=tmp_path, timeout=900, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+               cwd=tmp_path, timeout=900, PATH=path)
     assert_ok(r)
     names = {row["hash"]: simple_name(row) for row in read_trace(out, "s")}
     seen = {}

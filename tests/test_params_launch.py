@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from nf_utils import (MODEL_DIR, REPO, assert_ok, ensure_demo, make_fake_inputs, read_trace, requires_engine,
-                      run_nf, simple_name)
+from nf_utils import (MODEL_DIR, REPO, assert_ok, ensure_demo, fake_slurm, make_fake_inputs, read_trace,
+                      requires_engine, run_nf, simple_name)
 
 pytestmark = pytest.mark.nextflow
 
@@ -339,31 +339,18 @@ def test_rerun_with_same_params_is_quiet(spaced_runs):
     assert not (info / "previous_two").exists()
 
 
-FAKE_SBATCH = """#!/bin/bash
-# Stand-in for sbatch: keeps the #SBATCH lines, runs the job script in the background.
-grep '^#SBATCH' .command.run > .sbatch_args
-nohup bash .command.run >/dev/null 2>&1 &
-echo "Submitted batch job $!"
-"""
-
-
 def test_slurm_requests_not_capped(tmp_path):
     """process.executor = 'slurm' in the user's own -c config: the head node's size does not
     cap the requests (sbatch/squeue are stand-ins that run the job locally)."""
     sheet, models = make_fake_inputs(tmp_path)
-    fake = tmp_path / "fakebin"
-    fake.mkdir()
-    (fake / "sbatch").write_text(FAKE_SBATCH)
-    (fake / "squeue").write_text("#!/bin/bash\nexit 0\n")
-    for f in fake.iterdir():
-        f.chmod(0o755)
+    path = fake_slurm(tmp_path)
     user = tmp_path / "user.config"
     user.write_text("process.executor = 'slurm'\nexecutor {\n    pollInterval = '200ms'\n"
                     "    queueStatInterval = '1s'\n}\n")
     out = tmp_path / "out"
     r = run_nf(["run", str(REPO), "-ansi-log", "false", "-w", str(tmp_path / "work"), "-stub-run", "-c", str(user),
                 "--input", str(sheet), "--model_dir", str(models), "--outdir", str(out), "--trace_report_suffix", "s"],
-               cwd=tmp_path, timeout=600, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+               cwd=tmp_path, timeout=600, PATH=path)
     assert_ok(r)
     rows = read_trace(out, "s")
     got = {(simple_name(r), r["cpus"], r["memory"]) for r in rows}
