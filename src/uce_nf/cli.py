@@ -22,6 +22,8 @@ log = logging.getLogger("uce_nf")
 CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
 PathIn = click.Path(exists=True, dir_okay=False, path_type=Path)
 PathOut = click.Path(dir_okay=False, path_type=Path)
+# a dataset: an .h5ad or Cell Ranger .h5 file, or an AnnData .zarr / Cell Ranger mtx folder (formats.py)
+PathDataset = click.Path(exists=True, path_type=Path)
 
 
 def model_file_options(fn):
@@ -81,7 +83,8 @@ def filter_options(fn):
 
 
 @main.command("preprocess", context_settings=CTX)
-@click.option("--input", "input_", type=PathIn, required=True, help="Input h5ad (read only).")
+@click.option("--input", "input_", type=PathDataset, required=True,
+              help="Input dataset (read only): .h5ad, AnnData .zarr, Cell Ranger .h5 or mtx folder.")
 @click.option("--species-file", type=PathIn, required=True, help="From `uce prepare-species`.")
 @filter_options
 @click.option("--output", type=PathOut, required=True, help="Processed h5ad to write.")
@@ -251,7 +254,8 @@ def provenance(sf: dict, st: dict, seed, compat, batch_size, shards, output_mode
 
 
 @main.command("run", context_settings=CTX)
-@click.option("--input", "input_", type=PathIn, required=True, help="Input h5ad (read only).")
+@click.option("--input", "input_", type=PathDataset, required=True,
+              help="Input dataset (read only): .h5ad, AnnData .zarr, Cell Ranger .h5 or mtx folder.")
 @click.option("--species", default="human")
 @model_file_options
 @click.option("--chrom-token-offset", type=click.IntRange(0), default=None,

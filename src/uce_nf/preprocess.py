@@ -32,7 +32,9 @@ except ImportError:  # pragma: no cover
     from anndata.experimental import read_elem, write_elem
 
 log = logging.getLogger(__name__)
-ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+# Ensembl gene ids, with or without a version suffix (ENSG00000141510.17, GENCODE's ..._PAR_Y)
+ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?(_PAR_Y)?$")
+ENSEMBL_VERSION = re.compile(r"\.\d+(?=(_PAR_Y)?$)")
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "gene_names", "symbol")
 COUNT_LAYERS = ("counts", "raw_counts", "count", "umi_counts")
 
@@ -136,21 +138,36 @@ def find_counts(f, path: Path, counts_layer: str | None, sample_rows: int = 2000
                     "counts_layer to the layer that holds them")
 
 
+def ensembl_fraction(names) -> float:
+    """Share of the first 2000 names that are Ensembl gene ids (version suffixes accepted)."""
+    return float(np.mean([bool(ENSEMBL.match(str(n))) for n in names[:2000]])) if len(names) else 0.0
+
+
+def strip_versions(names: np.ndarray, path: Path) -> np.ndarray:
+    """Ensembl ids lose their version suffix (ENSG00000141510.17 -> ENSG00000141510) before the
+    lookup: vocabularies that hold Ensembl ids (genes without a symbol) hold them unversioned.
+    Symbols never match the pattern, so they pass unchanged."""
+    out = np.array([ENSEMBL_VERSION.sub("", n) if ENSEMBL.match(n) else n for n in names.astype(str)], dtype=object)
+    n = int(np.sum(out != names.astype(str).astype(object)))
+    if n:
+        log.info("%s: stripped the version suffix of %d Ensembl ids before the symbol lookup", path, n)
+    return out
+
+
 def gene_symbols(var: pd.DataFrame, path: Path, gene_column: str | None) -> tuple[np.ndarray, str]:
     """Gene symbols for each var row, and where they came from."""
     if gene_column:
         if gene_column not in var.columns:
             raise UserError(f"{path}: gene_column '{gene_column}' is not a var column; available: "
                             f"{', '.join(map(str, var.columns)) or '(none)'}")
-        return var[gene_column].astype(str).to_numpy(), gene_column
+        return strip_versions(var[gene_column].astype(str).to_numpy(), path), gene_column
     names = var.index.astype(str)
-    ensembl = np.mean([bool(ENSEMBL.match(n)) for n in names[:2000]]) if len(names) else 0.0
-    if ensembl < 0.5:
-        return names.to_numpy(), "var_names"
+    if ensembl_fraction(names) < 0.5:
+        return strip_versions(names.to_numpy(), path), "var_names"
     for col in SYMBOL_COLUMNS:
         if col in var.columns:
             log.warning("%s: var_names are Ensembl ids; using gene symbols from var['%s']", path, col)
-            return var[col].astype(str).to_numpy(), col
+            return strip_versions(var[col].astype(str).to_numpy(), path), col
     raise UserError(f"{path}: var_names are Ensembl ids and no gene symbol column was found (looked for "
                     f"{', '.join(SYMBOL_COLUMNS)}); set gene_column to the var column holding gene symbols")
 

@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover
     from anndata.experimental import read_elem
 
 log = logging.getLogger(__name__)
+SAMPLE_ROWS = 2000  # cells whose values find_counts checks here (PREPROCESS checks every cell)
 
 
 def validate_model_files(files: ModelFiles, species: str, nhead: int | None = None,
@@ -49,8 +50,9 @@ def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | 
     report as a gene-matching problem after reading every row."""
     from .preprocess import filter_fix, find_counts, gene_symbols, too_few_cells
     settings = settings or FilterSettings()
-    with open_h5ad(path) as f:
-        x_key, var_key = find_counts(f, path, counts_layer)
+    # other formats are converted for the first SAMPLE_ROWS cells only: all that is read here
+    with open_h5ad(path, rows=SAMPLE_ROWS) as f:
+        x_key, var_key = find_counts(f, path, counts_layer, sample_rows=SAMPLE_ROWS)
         shape = H5Matrix(f[x_key]).shape
         symbols, source = gene_symbols(read_elem(f[var_key]), path, gene_column)
     if shape[0] == 0 or shape[1] == 0:
@@ -73,7 +75,8 @@ def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | 
 
 
 @click.command("validate", context_settings={"show_default": True})
-@click.option("--input", "input_", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Dataset h5ad.")
+@click.option("--input", "input_", type=click.Path(path_type=Path), required=True,
+              help="Dataset: .h5ad, AnnData .zarr, Cell Ranger .h5 or mtx folder (detected by content).")
 @click.option("--species", required=True)
 @click.option("--gene-column", default=None)
 @click.option("--counts-layer", default=None)
