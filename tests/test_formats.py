@@ -257,3 +257,37 @@ def test_bad_inputs_one_line_exit_2(data, model_dir, tmp_path):
             assert code == 2 and len(lines) == 1 and "Traceback" not in out, (case, step, out)
             assert str(path) in lines[0] and words in lines[0], (case, step, lines[0])
             assert not (tmp_path / f"{case}.h5ad").exists()  # nothing half-written
+
+
+# ---------------------------------------------------------------- through the pipeline
+@pytest.mark.nextflow
+@pytest.mark.slow
+def test_pipeline_runs_cellranger_h5_and_mtx_folder(data, reference, tmp_path):
+    """-profile test with a Cell Ranger h5 and an mtx folder in the samplesheet's h5ad column:
+    folders are staged as folders, both give the cells the h5ad of the same counts gives."""
+    from nf_utils import assert_ok, ensure_demo, run_pipeline
+    ensure_demo()
+    _, paths = data
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text(f"sample,h5ad,species\ncr,{paths['cellranger_h5']},human\nmtx,{paths['mtx']}/,human\n")
+    r = run_pipeline(tmp_path, "--input", str(sheet), "--outdir", str(tmp_path / "out"))
+    assert_ok(r)
+    res = {s: ad.read_h5ad(tmp_path / "out" / s / f"{s}_uce_adata.h5ad") for s in ("cr", "mtx")}
+    for s, a in res.items():
+        assert list(a.obs_names) == list(reference.obs_names), s
+        assert np.allclose(np.linalg.norm(a.obsm["X_uce"], axis=1), 1, atol=1e-5)
+    assert np.array_equal(res["cr"].obsm["X_uce"], res["mtx"].obsm["X_uce"])  # same counts, same seed
+
+
+@pytest.mark.nextflow
+def test_samplesheet_loom_gets_the_conversion_hint(tmp_path):
+    from nf_utils import make_fake_inputs, run_pipeline
+    _, models = make_fake_inputs(tmp_path)
+    (tmp_path / "data" / "cells.loom").touch()
+    sheet = tmp_path / "loom.csv"
+    sheet.write_text("sample,h5ad,species\ns1,data/a.h5ad,human\ns2,data/cells.loom,human\n")
+    r = run_pipeline(tmp_path, "-stub-run", "--input", str(sheet), "--model_dir", str(models),
+                     "--outdir", str(tmp_path / "out"))
+    assert r.returncode != 0 and "Submitted process" not in r.stdout, r.stdout
+    lines = [line for line in r.stdout.splitlines() if "Samplesheet error" in line]
+    assert lines and "loom.csv line 3" in lines[0] and "anndata.read_loom('in.loom').write_h5ad" in lines[0], r.stdout

@@ -139,7 +139,7 @@ def _write_matrix(parent: h5py.Group, key: str, blocks: Iterator[sp.csr_matrix],
     """CSR of `shape` from row blocks; after `rows` rows the remaining rows are written empty."""
     n_rows, n_cols = shape
     limit = n_rows if rows is None else min(rows, n_rows)
-    w = CSRWriter(parent, key, n_cols, dtype)
+    w = CSRWriter(parent, key, n_cols, dtype, compression=None)  # a private, short-lived file: speed first
     for m in blocks:
         if w.n_rows >= limit:
             break

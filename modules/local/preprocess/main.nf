@@ -7,7 +7,8 @@ process PREPROCESS {
     // container: process.container (nextflow.config), from params.container_registry/container_image
 
     input:
-    // input/ keeps a user file named like an output (<id>_proc.h5ad) from clashing with it
+    // input/ keeps a user file named like an output (<id>_proc.h5ad) from clashing with it; a
+    // folder dataset (AnnData .zarr, Cell Ranger mtx) is staged as a folder, read in place
     tuple val(meta), path(h5ad, stageAs: 'input/*'), path(species_file)
 
     output:

@@ -14,6 +14,7 @@ process VALIDATE {
     input:
     // samples: one meta map per samplesheet row; h5ads: their files in the same order. Each
     // file gets its own folder (inputs/1/, inputs/2/, ...), so equal base names never clash.
+    // A dataset may be a folder (AnnData .zarr, Cell Ranger mtx): path inputs stage it as one.
     tuple val(meta), val(samples), path(h5ads, stageAs: 'inputs/?/*')
     tuple path(model_dir, stageAs: 'model_files'), path(checkpoint, stageAs: 'checkpoint/*'), path(spec_chrom_csv, stageAs: 'overrides/chrom/*'), path(offset_pkl, stageAs: 'overrides/offsets/*'), path(token_file, stageAs: 'overrides/tokens/*'), path(protein_embeddings_dir, stageAs: 'overrides/protein/*')
 

@@ -7,7 +7,11 @@
 
     h5ad paths: absolute, remote (s3://, gs://, https://...), or relative to the folder
     that holds the samplesheet (so a samplesheet and its data can move together).
-    ${projectDir} and environment variables are not expanded.
+    ${projectDir} and environment variables are not expanded. The column keeps its name, but
+    takes every input format (docs/usage.md): an AnnData .h5ad file or .zarr folder, a Cell
+    Ranger .h5 file or mtx folder. Here only the name and, for local folders, their marker files
+    are checked; VALIDATE reads the content (src/uce_nf/formats.py). Loom and Seurat files get a
+    one-line hint on how to convert them.
 
     The species column is checked for shape here (lower-case letters and '_'); whether the
     model files know it is checked by the VALIDATE process against species_offsets.pkl.
@@ -32,6 +36,27 @@ def splitCsvLine(line) {
         fields << f.trim()
     }
     return fields
+}
+
+// Input formats read by content elsewhere (src/uce_nf/formats.py); the names seen here.
+def acceptedInputs() {
+    return "an AnnData .h5ad file or .zarr folder, a Cell Ranger filtered_feature_bc_matrix.h5 or a Cell Ranger mtx folder (matrix.mtx(.gz), features.tsv(.gz), barcodes.tsv(.gz))"
+}
+
+// One-line conversion hint for formats that are out of scope, or null.
+def outOfScopeHint(name) {
+    if (name.endsWith('.loom')) {
+        return "Loom files are not read; convert it to h5ad first: python -c \"import anndata; anndata.read_loom('in.loom').write_h5ad('out.h5ad')\""
+    }
+    if (['.rds', '.h5seurat', '.rda', '.rdata'].any { e -> name.endsWith(e) }) {
+        return "Seurat files are not read; convert to h5ad first, e.g. in R sceasy::convertFormat(obj, from='seurat', to='anndata', outFile='out.h5ad') or SeuratDisk::Convert('in.h5seurat', dest='h5ad')"
+    }
+    return null
+}
+
+// A local folder that is an AnnData zarr store or a Cell Ranger mtx folder (by its marker files).
+def isDatasetFolder(dir) {
+    return ['.zgroup', '.zattrs', 'zarr.json', 'matrix.mtx', 'matrix.mtx.gz'].any { m -> dir.resolve(m).exists() }
 }
 
 def samplesheetError(sheet, line_no, msg) {
@@ -123,15 +148,22 @@ def parseSamplesheet(sheet_path) {
         if (!(species ==~ /^[a-z_]+$/)) {
             samplesheetError(sheet, line_no, "species '${species}' is not a valid species name: use lower-case letters and '_' only, e.g. human, mouse, macaca_mulatta")
         }
-        if (!row.h5ad.toLowerCase().endsWith('.h5ad')) {
-            samplesheetError(sheet, line_no, "h5ad '${row.h5ad}' must be an AnnData file ending in .h5ad")
+        def name = row.h5ad.replaceAll('/+$', '').toLowerCase()
+        def hint = outOfScopeHint(name)
+        if (hint) {
+            samplesheetError(sheet, line_no, "h5ad '${row.h5ad}': ${hint}")
         }
         def h5ad = resolveH5ad(sheet, row.h5ad)
         if (isLocal(h5ad) && !h5ad.exists()) {
             samplesheetError(sheet, line_no, "h5ad file not found: ${h5ad} (relative paths are resolved against the samplesheet's folder ${sheet.parent})")
         }
-        if (isLocal(h5ad) && h5ad.isDirectory()) {
-            samplesheetError(sheet, line_no, "h5ad ${h5ad} is a directory; point to the .h5ad file")
+        // remote folders cannot be listed cheaply here: a trailing '/' or .zarr says folder
+        def folder = isLocal(h5ad) ? h5ad.isDirectory() : (row.h5ad.endsWith('/') || name.endsWith('.zarr'))
+        if (folder && isLocal(h5ad) && !isDatasetFolder(h5ad)) {
+            samplesheetError(sheet, line_no, "h5ad ${h5ad} is a folder but neither an AnnData .zarr store (.zgroup/.zattrs) nor a Cell Ranger mtx folder (matrix.mtx(.gz)); the input must be ${acceptedInputs()}")
+        }
+        if (!folder && !(name.endsWith('.h5ad') || name.endsWith('.h5'))) {
+            samplesheetError(sheet, line_no, "h5ad '${row.h5ad}' is not an accepted input: it must be ${acceptedInputs()}")
         }
         def meta = [id: sample, species: species]
         cols.optional.each { c ->
