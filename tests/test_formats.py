@@ -111,6 +111,15 @@ def data(tmp_path_factory):
         "mtx_plain": write_mtx(d / "plain_mtx", X, barcodes, symbols, fake_ids(len(symbols)),
                                ["Gene Expression"] * len(symbols), gz=False),
     }
+    # zarr variants: dense normalised X with the counts in .raw; CSC counts in a layer
+    zr = ad.AnnData(np.log1p(X.toarray() / 3.7), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=symbols))
+    zr.raw = ad.AnnData(X.copy(), obs=zr.obs, var=zr.var)
+    zr.write_zarr(d / "raw_dense.zarr")
+    zl = ad.AnnData(np.log1p(X.toarray()), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=symbols),
+                    layers={"counts": sp.csc_matrix(X)})
+    zl.X = sp.csr_matrix(zl.X)
+    zl.write_zarr(d / "csc_layer.zarr")
+    paths["zarr_raw_dense"], paths["zarr_csc_layer"] = d / "raw_dense.zarr", d / "csc_layer.zarr"
     ens = ad.AnnData(X.copy(), obs=pd.DataFrame(index=barcodes),
                      var=pd.DataFrame({"gene_symbols": symbols}, index=fake_ids(len(symbols))))
     ens.write_h5ad(d / "ensembl_versions.h5ad")
@@ -131,7 +140,8 @@ def reference(data, model_dir):
     return embed(paths["h5ad"], d / "ref_uce.h5ad")
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "cellranger_h5", "mtx", "mtx_plain", "ensembl_versions"])
+@pytest.mark.parametrize("fmt", ["zarr", "zarr_raw_dense", "zarr_csc_layer", "cellranger_h5", "mtx", "mtx_plain",
+                                 "ensembl_versions"])
 def test_same_x_uce_as_the_h5ad(fmt, data, reference, tmp_path):
     _, paths = data
     out = embed(paths[fmt], tmp_path / f"{fmt}_uce.h5ad")
@@ -140,6 +150,7 @@ def test_same_x_uce_as_the_h5ad(fmt, data, reference, tmp_path):
     assert np.array_equal(out.obsm["X_uce"], reference.obsm["X_uce"]), fmt  # bit-identical
     st = out.uns["uce"]["preprocess"]
     assert st["genes_in"] == reference.uns["uce"]["preprocess"]["genes_in"]  # no Antibody Capture rows
+    assert st["counts_source"] == {"zarr_raw_dense": "raw/X", "zarr_csc_layer": "layers/counts"}.get(fmt, "X")
     if fmt == "ensembl_versions":
         assert st["gene_symbols_from"] == "gene_symbols"
         assert out.var["original_var_name"].iloc[0].startswith("ENSG") and "." in out.var["original_var_name"].iloc[0]
@@ -162,6 +173,21 @@ def test_validate_reads_each_format(data, model_dir, tmp_path):
         assert code == 0, (fmt, out)
         ds = json.loads((tmp_path / f"{fmt}.json").read_text())["dataset"]
         assert (ds["cells"], ds["genes"]) == (N_CELLS, 765), (fmt, ds)
+
+
+def test_ensembl_version_suffixes(tmp_path):
+    """Detected with their versions, and stripped before the lookup (symbols pass unchanged)."""
+    from uce_nf.io import UserError
+    from uce_nf.preprocess import gene_symbols, strip_versions
+    ids = fake_ids(200)
+    with pytest.raises(UserError, match="var_names are Ensembl ids and no gene symbol column"):
+        gene_symbols(pd.DataFrame(index=ids), tmp_path, None)
+    got, source = gene_symbols(pd.DataFrame({"gene_ids": ids}, index=[f"G{i}" for i in range(200)]), tmp_path,
+                               "gene_ids")
+    assert source == "gene_ids" and got[0] == "ENSG00000100000" and "." not in "".join(got)
+    assert list(strip_versions(np.array(["ENSG00000141510.17", "TP53", "ENSG00000182378.14_PAR_Y", "RP11-34P13.7",
+                                         "ENSMUSG00000000001"]), tmp_path)) == [
+        "ENSG00000141510", "TP53", "ENSG00000182378_PAR_Y", "RP11-34P13.7", "ENSMUSG00000000001"]
 
 
 def test_detection_is_by_content_not_name(data, tmp_path):
