@@ -167,7 +167,11 @@ def test_embeddings_mode_reads_the_converted_input(data, reference, tmp_path):
 
 def test_validate_reads_each_format(data, model_dir, tmp_path):
     _, paths = data
-    for fmt, path in paths.items():
+    v2 = shutil.copytree(paths["mtx_plain"], tmp_path / "v2_mtx")  # Cell Ranger 2: genes.tsv, two columns
+    feats = pd.read_csv(v2 / "features.tsv", sep="\t", header=None)
+    feats[[0, 1]].to_csv(v2 / "genes.tsv", sep="\t", header=False, index=False)
+    (v2 / "features.tsv").unlink()
+    for fmt, path in {**paths, "mtx_v2": v2}.items():
         code, out = invoke("validate", "--input", path, "--species", "human", "--model-dir", model_dir,
                            "--output", tmp_path / f"{fmt}.json")
         assert code == 0, (fmt, out)
