@@ -218,7 +218,7 @@ def output_mode_option(fn):
 @click.option("--species-file", type=PathIn, required=True)
 @sampling_options
 @output_mode_option
-@click.option("--input", "input_", type=PathIn, default=None,
+@click.option("--input", "input_", type=PathDataset, default=None,
               help="The h5ad PREPROCESS read (read only, its obs alone); needed by --output-mode embeddings.")
 @click.option("--output", type=PathOut, required=True,
               help="Result h5ad (<name>_uce_adata.h5ad; <name>_uce.h5ad in embeddings mode, .parquet beside it).")
