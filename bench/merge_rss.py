@@ -8,7 +8,7 @@ Builds, in --workdir:
 - ceil(N / shard_size) embedding shards of shard_size x dim float32 unit rows, in `uce embed`'s
   file layout (row of cell i = a fixed random unit vector number i % 4096, so results can be checked);
 then runs `uce merge` in a child process per output mode and reports the child's peak RSS
-(ru_maxrss from wait4) and wall time, and checks sampled rows of the result.
+(its VmHWM) and wall time, and checks sampled rows of the result.
 
     python bench/merge_rss.py                       # 2M cells x 1,280 dims: ~10 GB of shards, ~20-30 GB disk
     python bench/merge_rss.py --cells 1000000       # when the disk is smaller
@@ -52,17 +52,29 @@ def check_call(cmd: list[str]) -> None:
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS in MB, wall seconds) of one child process."""
+# The child reports its own VmHWM (peak RSS of its address space) at exit. Not wait4's ru_maxrss:
+# Linux carries that across fork + exec, so it would report this (large) parent's RSS instead.
+HWM_WRAPPER = """
+import atexit, os, sys
+def _hwm():
+    status = open("/proc/self/status").read()
+    open(os.environ["UCE_BENCH_HWM"], "w").write(status.split("VmHWM:")[1].split()[0])
+atexit.register(_hwm)
+from uce_nf.cli import main
+main(prog_name="uce")
+"""
+
+
+def measure(args: list[str], w: Path) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of `uce <args>` in a child process."""
+    hwm = w / "hwm.txt"
+    env = {**child_env(), "UCE_BENCH_HWM": str(hwm)}
     t0 = time.time()
-    p = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = p.stdout.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    r = subprocess.run([sys.executable, "-c", HWM_WRAPPER, *args], env=env, capture_output=True, text=True)
     seconds = time.time() - t0
-    if p.returncode:
-        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{out.decode(errors='replace')[-3000:]}")
-    return ru.ru_maxrss / 1024, seconds  # ru_maxrss is in KB on Linux
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): uce {' '.join(args)}\n{r.stderr[-3000:]}")
+    return int(hwm.read_text()) / 1024, seconds  # VmHWM is in kB
 
 
 def base_rows(dim: int) -> np.ndarray:
@@ -144,7 +156,7 @@ def cleanup(w: Path, whole: bool) -> None:
         shutil.rmtree(w, ignore_errors=True)
         return
     for p in w.iterdir():
-        if p.is_file() and (p.suffix in (".npz", ".h5ad", ".pt", ".parquet") or p.name == "s.json"):
+        if p.is_file() and (p.suffix in (".npz", ".h5ad", ".pt", ".parquet") or p.name in ("s.json", "hwm.txt")):
             p.unlink()
 
 
@@ -181,9 +193,9 @@ def main() -> None:
         emb = sum((["--embeddings", str(p)] for p in shards), [])
         for mode in modes:
             out = w / ("bench_uce_adata.h5ad" if mode == "full" else "bench_uce.h5ad")
-            cmd = uce("merge", "--adata", w / "p.h5ad", *emb, "--stats", w / "s.json", "--species-file", w / "h.pt",
-                      "--output-mode", mode, "--output", out, *(["--input", w / "in.h5ad"] if mode == "embeddings" else []))
-            rss, secs = measure(cmd)
+            args = uce("merge", "--adata", w / "p.h5ad", *emb, "--stats", w / "s.json", "--species-file", w / "h.pt",
+                       "--output-mode", mode, "--output", out, *(["--input", w / "in.h5ad"] if mode == "embeddings" else []))
+            rss, secs = measure(args[3:], w)
             files = [out] + ([out.with_suffix(".parquet")] if mode == "embeddings" else [])
             res["modes"][mode] = {"peak_rss_mb": round(rss, 1), "seconds": round(secs, 1),
                                   "output_gb": {p.name: round(p.stat().st_size / 1e9, 3) for p in files},

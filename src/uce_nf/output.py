@@ -139,6 +139,7 @@ def write_merged(processed: Path, shards: list[Shard], provenance: dict, output:
     if input_h5ad is None:
         raise UserError("--output-mode embeddings needs --input, the h5ad that PREPROCESS read (for its obs)")
     obs = _input_obs(Path(input_h5ad), names, input_row, processed)
+    del names
     n_in = len(obs)
     parquet = output.with_suffix(".parquet")
     with atomic_path(output, suffix=".h5ad") as tmp, atomic_path(parquet, suffix=".parquet") as tmp_pq:
@@ -197,14 +198,16 @@ def _input_obs(path: Path, names: np.ndarray, input_row: np.ndarray, processed: 
     if len(input_row) and input_row[-1] >= n_in:
         raise UserError(f"{path}: {n_in} cells, but {processed} has cells from row {input_row[-1]}: pass the h5ad "
                         "that PREPROCESS read with --input")
-    in_names = obs.index.astype(str).to_numpy()
-    if not np.array_equal(in_names[input_row], names.astype(str)):
-        raise UserError(f"{path}: its obs names differ from those of {processed}: pass the h5ad that PREPROCESS "
-                        "read with --input")
+    in_names = obs.index.to_numpy()  # the index's own str objects: no copies of millions of strings
+    step = 1 << 16  # compared in slices: no full-size temporaries
+    for lo in range(0, len(input_row), step):
+        if not np.array_equal(in_names[input_row[lo:lo + step]], names[lo:lo + step]):
+            raise UserError(f"{path}: its obs names differ from those of {processed}: pass the h5ad that PREPROCESS "
+                            "read with --input")
     embedded = np.zeros(n_in, dtype=bool)
     embedded[input_row] = True
     obs["uce_input_row"] = np.arange(n_in, dtype=np.int64)
-    obs["uce_input_name"] = in_names.astype(object)
+    obs["uce_input_name"] = in_names
     obs["uce_embedded"] = embedded
     return obs
 
@@ -299,7 +302,7 @@ def _write_parquet(path: Path, ds: h5py.Dataset, obs: pd.DataFrame, provenance: 
     schema = pa.schema([("obs_name", pa.string()), ("uce_input_row", pa.int64()), ("uce_embedded", pa.bool_()),
                         ("X_uce", pa.list_(pa.float32(), dim))],
                        metadata={"uce": json.dumps(provenance, default=_json_default, sort_keys=True)})
-    names = obs.index.astype(str)
+    names = obs.index.to_numpy()
     embedded = obs["uce_embedded"].to_numpy()
     rows = _block_rows(dim)
     # X_uce uncompressed and without dictionary: float embeddings do not compress, trying costs CPU
