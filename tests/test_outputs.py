@@ -251,3 +251,52 @@ def test_bench_smoke(tmp_path):
         m = res["modes"][mode]
         assert m["peak_rss_mb"] > 0 and m["seconds"] > 0 and m["checked"], m
     assert res["cells_kept"] == 3000 and res["cells_in"] > 3000
+
+
+def test_report_reads_embeddings_mode(emb, full, tmp_path):
+    """REPORT over an embeddings-mode file: the sample is named without _uce, the NaN rows of
+    dropped cells are not flagged as broken embeddings, and the page says how to map back."""
+    from uce_nf.report import build_report
+    summ = build_report([emb], tmp_path / "rep", seed=0)
+    s = summ["samples"]["x"]
+    assert s["qc"]["non_finite_cells"] == 0 and s["qc"]["unit_norm"] and not s["warnings"], s
+    html = (tmp_path / "rep" / "uce_report.html").read_text()
+    assert "Mapping back to your input" in html and "uce_input_row" in html
+    assert build_report([full], tmp_path / "rep_full", seed=0)["samples"]["x"]["qc"]["non_finite_cells"] == 0
+
+
+@pytest.mark.nextflow
+@pytest.mark.slow
+def test_pipeline_embeddings_mode(tmp_path_factory):
+    """The demo (-profile test, 3 EMBED tasks) with --output_mode embeddings: every input cell in
+    input order, no counts, the Parquet file, the same embeddings as a full-mode `uce run` of the
+    same input, and the size against that full output (issue 12's Done criterion)."""
+    from nf_utils import assert_ok, ensure_demo, read_trace, run_pipeline, simple_name
+    ensure_demo()
+    root = tmp_path_factory.mktemp("nf_embeddings")
+    r = run_pipeline(root, "--outdir", str(root / "out"), "--output_mode", "embeddings", "--trace_report_suffix", "run")
+    assert_ok(r)
+    assert sum(simple_name(x) == "EMBED" for x in read_trace(root / "out", "run")) == 3
+    res = root / "out" / "pbmc_demo"
+    e, src = read(res / "pbmc_demo_uce.h5ad"), read(PBMC)
+    assert e.n_obs == src.n_obs and list(e.obs_names) == list(src.obs_names)
+    assert e.X is None and e.n_vars == 0 and e.obs["uce_embedded"].all()  # the demo's filters keep every cell
+    assert (res / "pbmc_demo_uce.parquet").is_file() and not (res / "pbmc_demo_uce_adata.h5ad").exists()
+    assert json.loads((root / "out" / "report" / "uce_summary.json").read_text())["samples"]["pbmc_demo"]["cells"] == src.n_obs
+
+    full = root / "full" / "pbmc_demo_uce_adata.h5ad"
+    r = subprocess.run([sys.executable, "-m", "uce_nf.cli", "run", "--input", str(PBMC), "--species", "human",
+                        "--model-dir", str(ROOT / "assets" / "demo" / "model_files"), "--output", str(full)],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = read(full)
+    np.testing.assert_allclose(e.obsm["X_uce"][f.obs["uce_input_row"].to_numpy()], f.obsm["X_uce"], rtol=0, atol=1e-6)
+    size, xuce = (res / "pbmc_demo_uce.h5ad").stat().st_size, e.obsm["X_uce"].nbytes
+    with h5py.File(PBMC) as h:
+        obs_bytes = sum(h["obs"][k].id.get_storage_size() for k in h["obs"] if isinstance(h["obs"][k], h5py.Dataset))
+    print(f"\nembeddings {size:,} B (X_uce {xuce:,} B), parquet {(res / 'pbmc_demo_uce.parquet').stat().st_size:,} B, "
+          f"full {full.stat().st_size:,} B: {size / full.stat().st_size:.1%}", file=sys.stderr)
+    # The issue asks for < 5 % of the full file. Not reachable here: the float32 X_uce alone is 25 %
+    # of the demo's full file (64-dim model, 765 gzip-compressed genes; docs/output.md). What holds is
+    # "no counts": X_uce, the input's obs and HDF5's fixed per-object overhead, nothing else.
+    assert size < xuce + 2 * obs_bytes + 128 * 1024 and size < full.stat().st_size / 2, (size, xuce, obs_bytes)

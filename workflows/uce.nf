@@ -147,12 +147,17 @@ workflow UCE {
     //
     // MERGE per dataset, then one REPORT over all datasets.
     //
+    // --output_mode embeddings writes every input cell with the input's obs, so MERGE stages the
+    // dataset's own h5ad (and reads its obs only); full mode stages nothing ([]).
+    def embeddings_only = params.output_mode.toString() == 'embeddings'
+    ch_sample_h5ad = ch_samples.map { meta, h5ad -> [meta.id, embeddings_only ? h5ad : []] }
     ch_merge_in = PREPROCESS.out.adata
         .join(PREPROCESS.out.stats)
         .map { meta, adata, stats -> [meta.id, meta, adata, stats] }
         .join(ch_embeddings)
         .join(ch_sample_species)
-        .map { id, meta, adata, stats, embeddings, species_file -> [meta, adata, embeddings, stats, species_file] }
+        .join(ch_sample_h5ad)
+        .map { id, meta, adata, stats, embeddings, species_file, h5ad -> [meta, adata, embeddings, stats, species_file, h5ad] }
     MERGE(ch_merge_in)
     ch_versions = ch_versions.mix(MERGE.out.versions.first())
 

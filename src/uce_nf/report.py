@@ -94,7 +94,10 @@ class Sample:
 
 def sample_name(path: Path) -> str:
     n = path.name
-    return n[: -len(SUFFIX)] if n.endswith(SUFFIX) else n.removesuffix(".h5ad")
+    for suffix in (SUFFIX, "_uce.h5ad"):  # full / embeddings output mode
+        if n.endswith(suffix):
+            return n[: -len(suffix)]
+    return n.removesuffix(".h5ad")
 
 
 def _plain(o):
@@ -222,13 +225,18 @@ def read_sample(path: Path, *, seed: int, map_cells: int, threshold: float,
             prov = _plain(read_elem(f["uns"]["uce"]))
         kinds = obs_kinds(f)
 
+        # Embeddings mode keeps the cells the filters dropped as NaN rows (obs['uce_embedded'] False):
+        # they are neither sampled nor counted as broken embeddings.
+        embedded = (np.asarray(read_elem(f["obs"]["uce_embedded"]), dtype=bool) if "uce_embedded" in f["obs"]
+                    else np.ones(n, dtype=bool))
         # Nested seeded samples: the cosine cells are the first of the map cells (or the reverse).
-        perm = np.random.default_rng(seed).permutation(n)
+        perm = np.flatnonzero(embedded)[np.random.default_rng(seed).permutation(int(embedded.sum()))]
         rows = np.sort(perm[:min(n, max(map_cells, COSINE_CELLS))])
         map_rows = np.sort(perm[:min(n, map_cells)])
         cos_rows = np.sort(perm[:min(n, COSINE_CELLS)])
         log.info("%s: %d cells x %d dims; scanning embedding norms", name, n, d)
         qc, gathered = scan_embedding(ds, rows)
+        qc["non_finite_cells"] -= int((~embedded).sum())  # NaN by design, see above
         picked = gathered if len(map_rows) == len(rows) else gathered[np.searchsorted(rows, map_rows)]
         qc["mean_cosine"] = mean_pairwise_cosine(gathered[np.searchsorted(rows, cos_rows)])
         qc["cosine_cells"] = len(cos_rows)

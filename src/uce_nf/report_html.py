@@ -166,6 +166,13 @@ def render_html(samples: list[Sample], *, threshold: float, map_method: str, tra
             f"<td>{fmt_int(p.get('genes_kept'))}{pct(p.get('genes_kept'), p.get('genes_in'))}</td>"
             f'<td class="l">{esc(filt)}</td><td class="l">{esc(src)}</td></tr>')
     out.append("</table></div>")
+    out.append('<p class="note"><b>Mapping back to your input.</b> Every output cell records its row in the input '
+               "h5ad, <code>obs['uce_input_row']</code> (and its name, <code>obs['uce_input_name']</code>), which works "
+               "even when obs names repeat: <code>adata_in.obsm['X_uce'] = np.full((adata_in.n_obs, out.obsm['X_uce']"
+               ".shape[1]), np.nan, np.float32); adata_in.obsm['X_uce'][out.obs['uce_input_row'].to_numpy()] = "
+               "out.obsm['X_uce']</code> (NaN rows: cells the filters dropped). With <code>--output_mode "
+               "embeddings</code> the rows are the input's already (<code>obs['uce_embedded']</code> marks the "
+               "embedded cells).</p>")
 
     # Run settings and runtime
     out.append("<h2>Model, settings and runtime</h2>")

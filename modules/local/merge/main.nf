@@ -1,5 +1,7 @@
-// Final AnnData of one dataset: processed cells + obsm['X_uce'] (unit-norm rows, cell
-// order of the processed AnnData) + uns['uce'] provenance.
+// Result of one dataset: obsm['X_uce'] streamed shard by shard (unit-norm rows), obs
+// uce_input_row / uce_input_name, uns['uce'] provenance. ext.args '--output-mode' picks the file:
+//   full       -> <id>_uce_adata.h5ad: the processed cells and counts (the reference's file)
+//   embeddings -> <id>_uce.h5ad (every input cell, input order, no counts) + <id>_uce.parquet
 process MERGE {
     tag "${meta.id}"
     label 'process_medium'
@@ -7,24 +9,29 @@ process MERGE {
 
     input:
     // embeddings: every shard of this dataset, sorted by shard index (stable task hash)
-    tuple val(meta), path(adata), path(embeddings, stageAs: 'embeddings/*'), path(stats), path(species_file)
+    // input_h5ad: the dataset PREPROCESS read (its obs only is read), or [] in full mode
+    tuple val(meta), path(adata), path(embeddings, stageAs: 'embeddings/*'), path(stats), path(species_file), path(input_h5ad, stageAs: 'input/*')
 
     output:
-    tuple val(meta), path("*_uce_adata.h5ad"), emit: adata
-    path 'versions.yml'                      , emit: versions
+    tuple val(meta), path("*_uce{_adata,}.h5ad"), emit: adata
+    tuple val(meta), path("*_uce.parquet")      , emit: parquet, optional: true
+    path 'versions.yml'                         , emit: versions
 
     script:
     def args   = task.ext.args ?: ''
     def prefix = task.ext.prefix ?: "${meta.id}"
     def shards = (embeddings instanceof List ? embeddings : [embeddings]).collect { e -> "--embeddings ${e}" }.join(' ')
+    def embeddings_only = args ==~ /.*--output-mode[ =]embeddings\b.*/
+    def input = input_h5ad ? "--input ${input_h5ad}" : ''
     """
     uce-merge \\
         --adata ${adata} \\
         ${shards} \\
         --stats ${stats} \\
         --species-file ${species_file} \\
+        ${input} \\
         ${args} \\
-        --output ${prefix}_uce_adata.h5ad
+        --output ${prefix}${embeddings_only ? '_uce.h5ad' : '_uce_adata.h5ad'}
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
@@ -35,9 +42,12 @@ process MERGE {
     """
 
     stub:
+    def args   = task.ext.args ?: ''
     def prefix = task.ext.prefix ?: "${meta.id}"
+    def embeddings_only = args ==~ /.*--output-mode[ =]embeddings\b.*/
     """
-    touch ${prefix}_uce_adata.h5ad
+    touch ${prefix}${embeddings_only ? '_uce.h5ad' : '_uce_adata.h5ad'}
+    ${embeddings_only ? "touch ${prefix}_uce.parquet" : ''}
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
