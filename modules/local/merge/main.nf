@@ -4,7 +4,8 @@
 //   embeddings -> <id>_uce.h5ad (every input cell, input order, no counts) + <id>_uce.parquet
 process MERGE {
     tag "${meta.id}"
-    label 'process_medium'
+    // streaming: ~1.0 GB (full) / 1.3 GB (embeddings) peak RSS at 2M cells x 1,280 dims (docs/benchmarks.md)
+    label 'process_low'
     // container: process.container (nextflow.config), from params.container_registry/container_image
 
     input:
