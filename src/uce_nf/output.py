@@ -183,6 +183,9 @@ def _add_obs_columns(obs: h5py.Group, renamed: bool) -> None:
     """obs['uce_input_name'] of the full output, copied inside HDF5 (no strings through Python);
     uce_input_row is already there from PREPROCESS."""
     src = "original_obs_name" if renamed else _index_key(obs)
+    if src not in obs:
+        raise UserError(f"{obs.file.filename}: no obs['{src}'] although the preprocess stats count duplicate obs "
+                        "names: the stats file belongs to another run")
     if "uce_input_name" in obs:
         del obs["uce_input_name"]
     obs.copy(obs[src], obs, name="uce_input_name")
