@@ -303,6 +303,7 @@ def _register_optional():
     for module, attr, name in [("demo", "make_demo_command", "make-demo"),
                                ("download", "download_model_files_command", "download-model-files"),
                                ("validate", "validate_command", "validate"),
+                               *[("newspecies", f"{n.replace('-', '_')}_command", n) for n in ("proteome", "esm-embed", "gene-embeddings", "species-files")],
                                ("report", "report_command", "report")]:
         try:
             cmd = getattr(importlib.import_module(f"uce_nf.{module}"), attr)
