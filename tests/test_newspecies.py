@@ -252,6 +252,7 @@ def test_chicken_numbers_of_the_notebook(tmp_path):
     ("builtin", "one of the 8 built-in UCE species"),
     ("width", "does not match the token_dim 32"),
     ("no_symbols", "no header has a gene_symbol: field"),
+    ("esm_width", "width 16 does not match the token_dim 32"),
 ])
 def test_one_line_errors(case, words, chain, model_dir, esm_dir, tmp_path):
     if case == "builtin":
@@ -264,9 +265,34 @@ def test_one_line_errors(case, words, chain, model_dir, esm_dir, tmp_path):
         args = ["species-files", "--species", SPECIES, "--taxonomy-id", 1, "--gene-embeddings", tmp_path / "g.pt",
                 "--chrom-csv", tmp_path / "c.csv", "--special-tokens", model_dir / "all_tokens.torch",
                 "--checkpoint", model_dir / "4layer_model.torch", "--output-dir", tmp_path / "o"]
+    elif case == "esm_width":  # checked from config.json, before any weights are loaded
+        wide = tmp_path / "esm16"
+        shutil.copytree(esm_dir, wide)
+        (wide / "config.json").write_text((esm_dir / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 16'))
+        args = ["esm-embed", "--proteins", chain["chunks"][0], "--esm-model", wide, "--output", tmp_path / "o" / "e.pt",
+                "--checkpoint", model_dir / "4layer_model.torch", "--device", "cpu"]
     else:
         (tmp_path / "x.fa").write_text(">P1 pep chromosome:A:1:1:9:1 gene:G1\nMKV\n>P2 pep chromosome:A:1:1:9:1 gene:G2\nMKL\n")
         args = ["proteome", "--fasta", tmp_path / "x.fa", "--species", SPECIES, "--output-dir", tmp_path / "o"]
     code, out = uce(*args)
     assert code == 2 and words in out and len(out.strip().splitlines()) == 1, out
     assert not (tmp_path / "o").exists()
+
+
+def test_symbols_colliding_after_upper_casing_keep_first_position_and_last_value(model_dir, tmp_path, caplog):
+    """prepare-species upper-cases the vocabulary (first position wins); the token rows must line up."""
+    v = {k: torch.full((32,), float(i)) for i, k in enumerate(["abc1", "GENEB", "ABC1"])}
+    torch.save(v, tmp_path / "g.pt")
+    pd.DataFrame({"species": SPECIES, "gene_symbol": ["ABC1", "GENEB"], "chromosome": ["1", "2"], "start": [1, 2]}).to_csv(
+        tmp_path / "c.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="uce_nf"):
+        code, out = uce("species-files", "--species", SPECIES, "--taxonomy-id", 1, "--gene-embeddings", tmp_path / "g.pt",
+                        "--chrom-csv", tmp_path / "c.csv", "--special-tokens", model_dir / "all_tokens.torch",
+                        "--checkpoint", model_dir / "4layer_model.torch", "--output-dir", tmp_path / "md")
+    assert code == 0 and "CHROM_TOKEN_OFFSET = 6" in out, out
+    assert "1 gene symbols collide after upper-casing" in caplog.text
+    table = torch.load(tmp_path / "md" / "all_tokens.torch", weights_only=True)
+    assert table.shape[0] == 4 + 2 + 2 and table[4, 0] == 2.0 and table[5, 0] == 1.0  # ABC1: last value; GENEB
+    run_uce("prepare-species", "--species", SPECIES, "--model-dir", tmp_path / "md", "--output", tmp_path / "t.pt")
+    sf = torch.load(tmp_path / "t.pt", weights_only=False)
+    assert sf["symbols"] == ["ABC1", "GENEB"] and sf["chrom_token_offset"] == 6
