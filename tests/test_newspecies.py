@@ -296,3 +296,18 @@ def test_symbols_colliding_after_upper_casing_keep_first_position_and_last_value
     run_uce("prepare-species", "--species", SPECIES, "--model-dir", tmp_path / "md", "--output", tmp_path / "t.pt")
     sf = torch.load(tmp_path / "t.pt", weights_only=False)
     assert sf["symbols"] == ["ABC1", "GENEB"] and sf["chrom_token_offset"] == 6
+
+
+def test_batching_and_padding_do_not_change_the_embeddings(chain, esm_dir):
+    """Length-sorted batches pad to the batch's longest protein; padding is masked out of attention and mean.
+    bf16 (what a GPU runs) stays close to fp32."""
+    from uce_nf import esm
+    prot = pd.read_csv(chain["chunks"][1], sep="\t", dtype=str)
+    seqs, vocab, cpu = list(prot["sequence"]), esm.read_vocab(esm_dir), torch.device("cpu")
+    model = esm.load_model(esm_dir, cpu, torch.float32)
+    one, _ = esm.embed_proteins(model, vocab, seqs, cpu, 1026)  # mostly one protein per batch
+    many, _ = esm.embed_proteins(model, vocab, seqs, cpu, 100_000)  # all in one padded batch
+    assert torch.allclose(one, many, atol=1e-5)
+    bf16, _ = esm.embed_proteins(esm.load_model(esm_dir, cpu, torch.bfloat16), vocab, seqs, cpu, 8192)
+    assert bf16.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(bf16, one).min() > 0.99
