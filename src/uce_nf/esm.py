@@ -7,8 +7,9 @@ over the residue positions only, BOS/EOS and padding excluded.
 
 The loader is a local Hugging Face `EsmModel` folder (config.json, weights, vocab.txt), through
 `transformers`, not a fair-esm `.pt`, because:
-- fair-esm (last release 2022) unpickles its `.pt` with `torch.load` defaults that torch >= 2.6
-  refuses (weights_only), and needs the contact-regression file next to the 15B weights;
+- fair-esm (last release 2022) unpickles its `.pt` with `torch.load`'s defaults, which torch >= 2.6
+  (weights_only) refuses for the ESM2 .pt files (e.g. bytedance/Protenix issue 176), and it needs the
+  contact-regression file next to the weights;
 - transformers loads the sharded safetensors/bin weights straight into bf16 on the GPU (30 GB for
   esm2_t48_15B_UR50D instead of a 60 GB fp32 copy in host memory first) and is maintained;
 - its ESM port is the same network (rotary positions, token-dropout scaling, final layer norm).
