@@ -124,3 +124,21 @@ def test_pipeline_stops_at_validate_on_an_impossible_offset(tmp_path):
     started = {sh.read_text().split("uce-", 1)[1].split()[0] for sh in (tmp_path / "work").glob("*/*/.command.sh")
                if "uce-" in sh.read_text()}
     assert started == {"validate"}, started
+
+
+def test_species_file_carries_the_weights_embed_needs(model_dir, tmp_path):
+    """EMBED needs no checkpoint: the species file holds the weights (no token table, no training heads),
+    and embedding with them equals embedding with the checkpoint."""
+    import numpy as np
+    sf = tmp_path / "h.pt"
+    run_uce("prepare-species", "--species", "human", "--model-dir", model_dir, "--output", sf)
+    weights = torch.load(sf, weights_only=False)["weights"]
+    assert "pe_embedding.weight" not in weights and not any(k.startswith("binary_decoder") for k in weights)
+    run_uce("preprocess", "--input", PBMC, "--species-file", sf, "--output", tmp_path / "p.h5ad", "--stats", tmp_path / "s.json")
+    run_uce("index", "--adata", tmp_path / "p.h5ad", "--species-file", sf, "--output", tmp_path / "i.npz")
+    run_uce("sentences", "--adata", tmp_path / "p.h5ad", "--index", tmp_path / "i.npz", "--output-dir", tmp_path,
+            "--name", "x", "--shard-size", 10**6)
+    shard = next(tmp_path.glob("x.shard-*.sentences.npz"))
+    run_uce("embed", "--sentences", shard, "--species-file", sf, "--output", tmp_path / "a.npz")
+    run_uce("embed", "--sentences", shard, "--species-file", sf, "--model-dir", model_dir, "--output", tmp_path / "b.npz")
+    assert np.array_equal(np.load(tmp_path / "a.npz")["embeddings"], np.load(tmp_path / "b.npz")["embeddings"])

@@ -53,7 +53,6 @@ workflow UCE {
     def overrides = [params.spec_chrom_csv, params.offset_pkl, params.token_file, params.protein_embeddings_dir].collect { p -> optionalFile(p) }
     // value channel: [ model_dir, checkpoint, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir ]
     ch_model = ch_model_dir.map { dir -> [dir, model_path ?: dir.resolve(model_name)] + overrides }
-    ch_checkpoint = ch_model.map { files -> files[1] }
 
     //
     // VALIDATE the whole samplesheet once. Sorted by sample id: stable task hash.
@@ -134,7 +133,7 @@ workflow UCE {
         .map { meta, shard -> [meta.sample, meta, shard] }
         .combine(ch_sample_species, by: 0)
         .map { id, meta, shard, species_file -> [meta, shard, species_file] }
-    EMBED(ch_embed_in, ch_checkpoint)
+    EMBED(ch_embed_in)
     ch_versions = ch_versions.mix(EMBED.out.versions.first())
 
     // groupKey with the shard count: each dataset's group is released when complete,

@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .io import handle_errors, save_npz, write_json
+from .io import UserError, handle_errors, save_npz, write_json
 
 log = logging.getLogger("uce_nf")
 CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
@@ -183,17 +183,25 @@ def sentences_cmd(adata, index_path, seed, compat, batch_size, shard_size, worke
 @handle_errors
 def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision, device, compile_, output,
               gpu_lock_dir=None, gpu_wait=0, **o):
-    """Run the model over one shard."""
+    """Run the model over one shard. The species file carries the weights EMBED needs (no token table);
+    with --model-dir or a --model path the checkpoint is used instead, and must be the species file's."""
+    from .devices import claim_device
     from .embed import EmbedSettings, Embedder
     from .sentences import load_sentences
     from .species import check_species_file_checkpoint, load_species
-    from .devices import claim_device
-    files = _files(o)
     sf = load_species(species_file)
-    check_species_file_checkpoint(sf, species_file, files.paths["model"])
+    if o["model_dir"] is not None or Path(o["model"]).is_file():
+        files = _files(o)
+        check_species_file_checkpoint(sf, species_file, files.paths["model"])
+        sd = files.checkpoint()
+    elif "weights" in sf:
+        sd = sf["weights"]
+    else:
+        raise UserError(f"{species_file}: holds no model weights (made by an older uce-nf); re-run prepare-species, "
+                        "or pass --model-dir with its checkpoint")
     if device != "cpu":
         claim_device(gpu_lock_dir, wait_s=gpu_wait)  # one free GPU of this node; before torch touches CUDA
-    emb = Embedder(files.checkpoint(), sf, EmbedSettings(compat == "reference", batch_size, precision, device, compile_), o["nhead"])
+    emb = Embedder(sd, sf, EmbedSettings(compat == "reference", batch_size, precision, device, compile_), o["nhead"])
     s = load_sentences(sentences_path)
     t0 = time.time()
     out = emb.embed(s)

@@ -24,6 +24,7 @@ from .model_files import (CHROM_CLOSE, CLS, OFFICIAL_TOKEN_ROWS, PAD, REFERENCE_
 
 log = logging.getLogger(__name__)
 FORMAT = "uce-nf/species/1"
+EMBED_MODULES = ("pos_encoder", "transformer_encoder", "decoder", "encoder")  # state-dict prefixes EMBED uses
 
 
 def prepare_species(files: ModelFiles, species: str, nhead: int | None = None,
@@ -49,13 +50,16 @@ def prepare_species(files: ModelFiles, species: str, nhead: int | None = None,
         raise UserError(f"token ids of '{species}' reach {vocab[-1]} but the token table has {table.shape[0]} rows; "
                         "species_offsets.pkl and the token file do not belong together")
     projected = project_tokens(sd, table, vocab)
+    # EMBED needs the transformer and decoder only: the token table (~3 GB of each official checkpoint)
+    # is already projected above, and binary_decoder/gene_embedding_layer are training heads.
+    weights = {k: v.contiguous().clone() for k, v in sd.items() if k.split(".")[0] in EMBED_MODULES}
     return {
         "format": FORMAT, "version": __version__, "species": species,
         "symbols": symbols, "token_ids": torch.from_numpy(token_ids),
         "chrom_codes": torch.from_numpy(codes.astype(np.int64)), "chrom_code_dtype": str(codes.dtype),
         "starts": torch.from_numpy(starts), "in_chrom_csv": torch.from_numpy(in_csv),
         "chrom_token_offset": int(offset),
-        "vocab": torch.from_numpy(vocab), "projected": projected,
+        "vocab": torch.from_numpy(vocab), "projected": projected, "weights": weights,
         "model": {"file": files.paths["model"].name, "sha256": sha256_of(files.paths["model"]),
                   "size": files.paths["model"].stat().st_size, "config": config.__dict__},
     }

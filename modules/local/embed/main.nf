@@ -5,9 +5,9 @@ process EMBED {
     // container: process.container (nextflow.config), from params.container_registry/container_image
 
     input:
+    // The species file holds everything EMBED needs: this model's projected token table and its
+    // weights without the ~3 GB token table, so no checkpoint is staged (or downloaded) per task.
     tuple val(meta), path(sentences), path(species_file)
-    // Only the checkpoint: the species file already holds this model's token table.
-    path(checkpoint, stageAs: 'checkpoint/*')
 
     output:
     tuple val(meta), path("*.embeddings.npz"), emit: embeddings
@@ -24,8 +24,6 @@ process EMBED {
     uce-embed \\
         --sentences ${sentences} \\
         --species-file ${species_file} \\
-        --model-dir checkpoint \\
-        --model ${checkpoint.name} \\
         ${args} \\
         --output ${prefix}.embeddings.npz
 
