@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from . import __version__
 from .io import UserError, handle_errors, save_npz, write_json

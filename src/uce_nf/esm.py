@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .io import Progress, UserError, atomic_path
+from .io import Progress, UserError, atomic_path, load_tagged
 from .proteome import MAX_RESIDUES, read_proteins
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,7 @@ def proteins_sha256(path: Path) -> str:
 
 
 def load_embeddings(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not an embeddings file from `uce esm-embed` ({type(e).__name__}); run it again") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise UserError(f"{path}: not an embeddings file of format {FORMAT}; run `uce esm-embed` again")
-    return obj
+    return load_tagged(path, FORMAT, "an embeddings file", "uce esm-embed")
 
 
 def existing_output(output: Path, sha: str, ident: dict) -> bool:

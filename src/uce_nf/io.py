@@ -56,6 +56,19 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
 
 
+def load_tagged(path: str | os.PathLike, fmt: str, what: str, made_by: str, weights_only: bool = True) -> dict:
+    """torch.load of one of our own files, whose dict carries `format`: a wrong or broken file is one
+    line naming the command that makes it."""
+    import torch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        raise UserError(f"{path}: not {what} from `{made_by}` ({type(e).__name__}); run `{made_by}` again") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise UserError(f"{path}: not {what} of format {fmt}; run `{made_by}` again")
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")

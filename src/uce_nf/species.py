@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .io import UserError, atomic_path
+from .io import UserError, atomic_path, load_tagged
 from .model_files import (CHROM_CLOSE, CLS, OFFICIAL_TOKEN_ROWS, PAD, REFERENCE_CHROM_TOKEN_OFFSET, ModelConfig, ModelFiles,
                           chrom_code_dtype, sha256_of, species_vocabulary, token_table)
 
@@ -186,10 +186,4 @@ def save_species(obj: dict, path: Path) -> None:
 
 
 def load_species(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path}: not a species file from `uce prepare-species` ({e})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise UserError(f"{path}: not a species file of format {FORMAT}; re-run `uce prepare-species`")
-    return obj
+    return load_tagged(path, FORMAT, "a species file", "uce prepare-species", weights_only=False)
