@@ -117,7 +117,8 @@ def test_checkpoint_loads_strictly_into_the_reference_model(info):
     sd = torch.load(MF / "4layer_model.torch")
     assert all(not v.any() for k, v in sd.items() if k.startswith("binary_decoder."))
     from uce.model import PositionalEncoding
-    assert torch.allclose(sd["pos_encoder.pe"], PositionalEncoding(64, 0.05).pe, atol=1e-6)
+    # float32 sin/cos of angles up to 1,535 rad differ by a few ulps of the angle across CPUs (6e-5 seen)
+    assert torch.allclose(sd["pos_encoder.pe"], PositionalEncoding(64, 0.05).pe, atol=2.5e-4)
     assert sd["encoder.2.weight"].abs().mean() < 0.5  # small encoder LayerNorm gain
     assert sd["transformer_encoder.layers.0.norm1.weight"].std() > 0.05  # jittered LayerNorms
 
@@ -175,7 +176,10 @@ def test_regeneration_is_deterministic(tmp_path):
         assert pickle.loads((new / name).read_bytes()) == pickle.loads((MF / name).read_bytes())
     assert torch.equal(torch.load(new / "all_tokens.torch"), torch.load(MF / "all_tokens.torch"))
     a, b = torch.load(new / "4layer_model.torch"), torch.load(MF / "4layer_model.torch")
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a if k != "pos_encoder.pe")
+    # the sinusoidal table comes from float32 sin/cos, whose last bits differ across CPUs (6e-5 seen at
+    # angle ~1,449 rad); every other tensor is seeded random numbers and must be identical
+    assert torch.allclose(a["pos_encoder.pe"], b["pos_encoder.pe"], atol=2.5e-4)
     for f in demo.PROTEIN_EMBEDDING_FILES.values():
         a, b = torch.load(new / "protein_embeddings" / f), torch.load(MF / "protein_embeddings" / f)
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
