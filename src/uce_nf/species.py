@@ -86,9 +86,9 @@ def species_chromosomes(files: ModelFiles, species: str, symbols: list[str]):
     return codes, starts, in_csv, n_cat
 
 
-def chrom_token_offset_for(files: ModelFiles, species: str, given: int | None = None, sd: dict | None = None) -> int:
+def chrom_token_offset_for(files: ModelFiles, species: str, symbols: list[str], given: int | None = None,
+                           sd: dict | None = None) -> int:
     """The offset prepare_species will use, checked, without projecting anything (VALIDATE)."""
-    symbols = species_vocabulary(files, species)
     codes, _, in_csv, n_cat = species_chromosomes(files, species, symbols)
     sd = sd if sd is not None else files.checkpoint()
     table = token_table(files, sd)

@@ -26,7 +26,8 @@ SAMPLE_ROWS = 2000  # cells whose values find_counts checks here (PREPROCESS che
 
 
 def validate_model_files(files: ModelFiles, species: str, nhead: int | None = None,
-                         chrom_token_offset: int | None = None) -> dict:
+                         chrom_token_offset: int | None = None) -> tuple[dict, list[str]]:
+    """The model-file checks of one species; also returns its vocabulary, read once for every check."""
     files.check()
     offsets = files.species_offsets()
     if species not in offsets:
@@ -38,9 +39,10 @@ def validate_model_files(files: ModelFiles, species: str, nhead: int | None = No
         raise UserError(f"{files.paths['token_file']}: token width {width} does not match the checkpoint's token_dim "
                         f"{cfg.token_dim} ({files.paths['model'].name}); use the token file of this model")
     from .species import chrom_token_offset_for
-    offset = chrom_token_offset_for(files, species, chrom_token_offset, sd)  # impossible values: one line, now
+    symbols = species_vocabulary(files, species)
+    offset = chrom_token_offset_for(files, species, symbols, chrom_token_offset, sd)  # impossible values: one line, now
     return {"model": files.paths["model"].name, "config": cfg.__dict__, "token_rows": rows,
-            "chrom_token_offset": offset}
+            "chrom_token_offset": offset}, symbols
 
 
 def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | None, counts_layer: str | None,
@@ -101,8 +103,9 @@ def validate_command(input_, species, gene_column, counts_layer, model_dir, mode
     import sys
     try:
         files = ModelFiles(model_dir, model, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir)
-        summary = {"model_files": validate_model_files(files, species, chrom_token_offset=chrom_token_offset)}
-        summary["dataset"] = validate_dataset(input_, species_vocabulary(files, species), gene_column, counts_layer,
+        model_summary, symbols = validate_model_files(files, species, chrom_token_offset=chrom_token_offset)
+        summary = {"model_files": model_summary}
+        summary["dataset"] = validate_dataset(input_, symbols, gene_column, counts_layer,
                                               min_matched_genes, FilterSettings(filter_, min_cells, min_genes))
     except UserError as e:
         # The JSON carries the message too: the pipeline reports every bad dataset from it at once.
