@@ -311,7 +311,7 @@ def _register_optional():
                                ("download", "download_model_files_command", "download-model-files"),
                                ("validate", "validate_command", "validate"),
                                *[("newspecies", f"{n.replace('-', '_')}_command", n) for n in ("proteome", "esm-embed", "gene-embeddings", "species-files")],
-                               ("report", "report_command", "report")]:
+                               ("report", "report_command", "report"), ("atlas", "atlas_command", "atlas")]:
         try:
             cmd = getattr(importlib.import_module(f"uce_nf.{module}"), attr)
         except ModuleNotFoundError as e:  # a module not written yet; a broken one still fails loudly
