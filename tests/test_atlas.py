@@ -238,6 +238,8 @@ def test_one_line_errors(synth, pbmc_split, tmp_path):
         ([*inputs_args([s0, ref], ["a", "b"])], "X_uce widths differ"),
         ([*inputs_args([s0], ["a"]), "--obs-column", "leiden"], "--obs-column leiden"),
         ([*inputs_args([s0], ["a"]), "--obs-column", "nope"], "--obs-column nope: in no dataset"),
+        ([*inputs_args([s0, s1], ["a", "b"]), "--reference-sample", "a", "--query-label-column", "nope"],
+         "--query-label-column nope: in no query"),
     ]
     for args, msg in cases:
         rc, out = atlas(*args, "--output-dir", tmp_path / "out")

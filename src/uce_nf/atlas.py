@@ -112,7 +112,7 @@ def fit_map(x: np.ndarray, seed: int, resolution: float, pc_space: bool) -> tupl
 
 
 def build_atlas(adatas, samples, species, output_dir: Path, *, obs_columns=(), references=(), label_column=None,
-                settings: Settings | None = None) -> dict:
+                query_label_column=None, settings: Settings | None = None) -> dict:
     from .atlas_metrics import integration_metrics
     from .atlas_plots import write_plots
     from .label_transfer import Reference, query_report
@@ -122,6 +122,13 @@ def build_atlas(adatas, samples, species, output_dir: Path, *, obs_columns=(), r
     references = list(dict.fromkeys(references))
     inputs = open_inputs(list(adatas), list(samples), list(species))
     columns, label_column, notes = choose_columns(inputs, list(obs_columns), label_column, references)
+    if query_label_column:
+        if not references:
+            raise UserError("--query-label-column needs --reference-sample (it holds the queries' true labels)")
+        if not any(query_label_column in i.kinds for i in inputs if i.sample not in references):
+            raise UserError(f"--query-label-column {query_label_column}: in no query dataset's obs; check the name")
+        if query_label_column not in columns:
+            columns.append(query_label_column)
     n = sum(i.n_cells for i in inputs)
     if n < MIN_CELLS:
         raise UserError(f"the datasets hold {n} embedded cells together; an atlas needs at least {MIN_CELLS}")
@@ -225,8 +232,10 @@ def build_atlas(adatas, samples, species, output_dir: Path, *, obs_columns=(), r
                 if i.sample in references:
                     continue
                 m = (obs["sample"] == i.sample).to_numpy()
-                truth = labels[m] if label_column in i.kinds else pd.Series([None] * int(m.sum()))
+                col = next((c for c in (query_label_column, label_column) if c and c in i.kinds), None)
+                truth = obs[col][m] if col else pd.Series([None] * int(m.sum()))
                 lt["queries"][i.sample] = {**query_report(truth, obs["uce_label_transfer"].to_numpy()[m]),
+                                           "truth_column": col,
                                            "mean_confidence": float(np.mean(conf[m]))}
             summary["label_transfer"] = lt
 
@@ -272,6 +281,8 @@ def build_atlas(adatas, samples, species, output_dir: Path, *, obs_columns=(), r
               "turns label transfer on.", multiple=True)
 @click.option("--label-column", default=None, help="obs column with the labels (transfer, metrics, label map). "
               "Default: the first cell-type-like column of the references (or of any dataset).")
+@click.option("--query-label-column", default=None, help="obs column with the true labels of the queries, when it "
+              "is not --label-column (e.g. cell_type in the query, bulk_labels in the reference): for their accuracy.")
 @click.option("--k", type=click.IntRange(1), default=15, help="Neighbours of the label-transfer classifier and of "
               "the kNN label consistency.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, help="Seed of every sample, UMAP and Leiden.")
@@ -289,10 +300,11 @@ def build_atlas(adatas, samples, species, output_dir: Path, *, obs_columns=(), r
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for uce_atlas.h5ad, atlas_summary.json, the *_mqc.png maps and atlas_metrics_mqc.tsv.")
 @handle_errors
-def atlas_command(adatas, samples, species, obs_columns, references, label_column, k, seed, umap_max_cells,
-        metrics_max_cells, reference_max_cells, n_pcs, leiden_resolution, plot_max_cells, output_dir):
+def atlas_command(adatas, samples, species, obs_columns, references, label_column, query_label_column, k, seed,
+                  umap_max_cells, metrics_max_cells, reference_max_cells, n_pcs, leiden_resolution, plot_max_cells,
+                  output_dir):
     """One atlas of all datasets: joint X_uce, UMAP, Leiden, kNN label transfer, integration metrics."""
     build_atlas(adatas, samples, species, output_dir, obs_columns=obs_columns, references=references,
-                label_column=label_column,
+                label_column=label_column, query_label_column=query_label_column,
                 settings=Settings(k, seed, umap_max_cells, metrics_max_cells, reference_max_cells, n_pcs,
                                   leiden_resolution, plot_max_cells))

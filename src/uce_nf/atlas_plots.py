@@ -53,7 +53,7 @@ def confusion_png(queries: dict, lt: dict) -> bytes:
     import matplotlib.pyplot as plt
     sizes = [len(r["confusion"]["labels"]) for r in queries.values()]
     side = min(14.0, max(4.0, 0.45 * max(sizes) + 2.5))
-    fig, axes = plt.subplots(1, len(queries), figsize=(side * len(queries), side), squeeze=False, dpi=100)
+    fig, axes = plt.subplots(1, len(queries), figsize=(side * len(queries), side + 1), squeeze=False, dpi=100)
     for ax, (q, r) in zip(axes[0], queries.items()):
         labels, m = r["confusion"]["labels"], np.asarray(r["confusion"]["matrix"], dtype=float)
         frac = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
@@ -61,7 +61,7 @@ def confusion_png(queries: dict, lt: dict) -> bytes:
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.set_xlabel(f"transferred label (reference: {', '.join(lt['reference_samples'])})", fontsize=9)
-        ax.set_ylabel(f"{lt['label_column']} of {q}", fontsize=9)
+        ax.set_ylabel(f"{r.get('truth_column') or lt['label_column']} of {q}", fontsize=9)
         ax.set_title(f"{q}: accuracy {r['accuracy']:.3f} on {r['n_with_truth']:,} cells (k={lt['k']})", fontsize=10)
         if len(labels) <= 25:
             for (i, j), v in np.ndenumerate(m):
@@ -96,7 +96,7 @@ def metrics_table(summary: dict) -> str:
         for q, r in lt["queries"].items():
             if "accuracy" in r:
                 rows.append((f"accuracy_{q}", r["accuracy"], r["n_with_truth"],
-                             f"label transfer: accuracy on query {q} against its own {lt['label_column']}"))
+                             f"label transfer: accuracy on query {q} against its own {r.get('truth_column')}"))
     head = [
         "# id: 'uce_atlas_metrics'",
         "# section_name: 'UCE atlas: integration metrics and label transfer'",

@@ -67,6 +67,7 @@ def project(x: np.ndarray, method: str, seed: int, name: str) -> tuple[np.ndarra
 
 
 OTHER = (0.85, 0.85, 0.85, 1.0)
+NA = "\x00NA"  # a label no real category has
 
 
 def _palette(k: int):
@@ -109,8 +110,10 @@ def plot_map(s: Sample, y: np.ndarray, axes_labels: tuple[str, str], colors: lis
                              rasterized=True)
             fig.colorbar(sc_, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=8)
             continue
-        labels = values.astype(object).where(values.notna(), "NA").astype(str).to_numpy()
+        # cells without a value are grey, behind, like the categories beyond the top 20
+        labels = values.astype(object).where(values.notna(), NA).astype(str).to_numpy()
         counts = pd.Series(labels).value_counts(sort=True)
+        n_na = int(counts.pop(NA)) if NA in counts.index else 0
         top = list(counts.index[:TOP_CATEGORIES])
         pal = dict(zip(top, _palette(len(top))))
         rgba = np.array([pal.get(lab, OTHER) for lab in labels])
@@ -123,6 +126,8 @@ def plot_map(s: Sample, y: np.ndarray, axes_labels: tuple[str, str], colors: lis
             rest = int(counts.iloc[TOP_CATEGORIES:].sum())
             handles.append(plt.Line2D([], [], marker="o", ls="", color=OTHER, markersize=6,
                                       label=f"{len(counts) - TOP_CATEGORIES} others ({rest})"))
+        if n_na:
+            handles.append(plt.Line2D([], [], marker="o", ls="", color=OTHER, markersize=6, label=f"no value ({n_na})"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False,
                   handletextpad=0.2, borderaxespad=0.0, labelspacing=0.3)
     fig.tight_layout()
