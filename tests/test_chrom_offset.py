@@ -123,7 +123,7 @@ def test_pipeline_stops_at_validate_on_an_impossible_offset(tmp_path):
     assert "'pbmc_demo'" in first and "--chrom_token_offset 100 lands inside the gene rows" in first, first
     started = {sh.read_text().split("uce-", 1)[1].split()[0] for sh in (tmp_path / "work").glob("*/*/.command.sh")
                if "uce-" in sh.read_text()}
-    assert started == {"validate"}, started
+    assert started == {"species-vocab", "validate"}, started
 
 
 def test_species_file_carries_the_weights_embed_needs(model_dir, tmp_path):

@@ -361,7 +361,7 @@ def test_slurm_requests_not_capped(tmp_path):
 
 def test_retried_exit_codes_and_chrom_token_offset(tmp_path):
     """Under the pipeline's config: nf-core's retry set (SIGTERM 143 from preemption included)
-    is retried once, exit 1 is not; --chrom_token_offset reaches PREPARE_SPECIES's ext.args."""
+    is retried once, exit 1 is not; --chrom_token_offset reaches SPECIES_VOCAB's ext.args."""
     codes = [130, 137, 140, 143, 145, 104, 175]
     out = tmp_path / "out"
     r = run_nf(["run", str(REPO / "tests" / "nextflow" / "config_probe.nf"), "-ansi-log", "false",

@@ -132,12 +132,13 @@ def test_bad_param_stops_run(tmp_path):
 
 def test_relative_paths_resolve_against_samplesheet(tmp_path):
     """h5ad paths relative to the samplesheet's folder work from any launch directory; the
-    same file twice is staged into separate folders for VALIDATE."""
+    checked samplesheet records them resolved."""
     sheet, models = make_fake_inputs(tmp_path / "project")
     launch = tmp_path / "elsewhere"
     r = run_pipeline(launch, "-stub-run", "--input", str(sheet), "--model_dir", str(models),
                      "--outdir", str(tmp_path / "out"))
     assert_ok(r)
     valid = (tmp_path / "out" / "pipeline_info" / "samplesheet.valid.csv").read_text().splitlines()
-    assert valid == ["sample,h5ad,species", "human_a,inputs/1/a.h5ad,human", "human_b,inputs/2/a.h5ad,human",
-                     "mouse_c,inputs/3/b.h5ad,mouse"]
+    data = tmp_path / "project" / "data"
+    assert valid == ["sample,h5ad,species", f"human_a,{data / 'a.h5ad'},human", f"human_b,{data / 'a.h5ad'},human",
+                     f"mouse_c,{data / 'b.h5ad'},mouse"]

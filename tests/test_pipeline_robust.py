@@ -183,7 +183,8 @@ def bad_model_cases(root: Path) -> dict:
     torch.save({"weights": torch.zeros(3)}, m / "4layer_model.torch")
     cases["not_a_checkpoint"] = (["--model_dir", str(m)], "not a UCE checkpoint")
     m = model_copy(root / "width")
-    torch.save(torch.zeros(10, 7), m / "all_tokens.torch")
+    rows = torch.load(MODEL_DIR / "all_tokens.torch").shape[0]
+    torch.save(torch.zeros(rows, 7), m / "all_tokens.torch")  # the layout holds; the width does not
     cases["token_width"] = (["--model_dir", str(m)], "token width 7 does not match")
     cases["species"] = (["--model_dir", str(MODEL_DIR)], "species 'dog' is not in")
     return cases
@@ -191,12 +192,15 @@ def bad_model_cases(root: Path) -> dict:
 
 @pytest.mark.parametrize("case", ["missing_file", "not_a_checkpoint", "token_width", "species"])
 def test_bad_model_files_stop_at_validate(case, tmp_path):
+    """Missing files stop the launch; the species, at VALIDATE; the checkpoint, at PREPARE_SPECIES (the only
+    task that reads it, which every dataset of the species waits for): before any heavy step, in one line."""
     args, words = bad_model_cases(tmp_path)[case]
     sheet = write_sheet(tmp_path, {"pbmc": PBMC}, species="dog" if case == "species" else "human")
     r = run_pipeline(tmp_path, "--input", str(sheet), "--outdir", str(tmp_path / "results"), *args)
     assert r.returncode != 0
     assert any(words in l and len(l) < 400 for l in r.stdout.splitlines()), r.stdout[-4000:]
-    assert not (ran(tmp_path) & HEAVY), f"heavy tasks ran: {ran(tmp_path)}"
+    allowed = {"PREPARE_SPECIES"} if case in ("not_a_checkpoint", "token_width") else set()
+    assert not (ran(tmp_path) & (HEAVY - allowed)), f"heavy tasks ran: {ran(tmp_path)}"
 
 
 # ---------------------------------------------------------------- monitoring

@@ -4,10 +4,11 @@
 ========================================================================================
     Channel graph (docs/design.md):
 
-      samplesheet -> VALIDATE (once, cheap; every other task waits for it)
-      (species, model) -> PREPARE_SPECIES (once per species, shared by its datasets)
-      dataset -> PREPROCESS -> INDEX -> SENTENCES -> shard files
-              -> EMBED (one task per shard) -> MERGE (per dataset) -> REPORT (all)
+      species files -> SPECIES_VOCAB (per species; no checkpoint)
+      dataset + vocab -> VALIDATE (per dataset, cheap; every heavy task waits for all of them)
+      vocab + checkpoint -> PREPARE_SPECIES (per species and checkpoint, shared by its datasets)
+      dataset + vocab -> PREPROCESS -> INDEX -> SENTENCES -> shard files
+      shard + species file -> EMBED (one task per shard) -> MERGE (per dataset) -> REPORT (all)
 
     Only deterministic values reach the processes (no timestamps, no arrival order), so
     -resume reuses every finished task.
@@ -15,6 +16,7 @@
 */
 
 include { DOWNLOAD_MODEL_FILES   } from '../modules/local/download_model_files'
+include { SPECIES_VOCAB          } from '../modules/local/species_vocab'
 include { VALIDATE               } from '../modules/local/validate'
 include { PREPARE_SPECIES        } from '../modules/local/prepare_species'
 include { PREPROCESS             } from '../modules/local/preprocess'
@@ -30,7 +32,7 @@ workflow UCE {
 
     take:
     ch_samplesheet // channel: [ meta, h5ad ] in samplesheet order
-    samplesheet    // string : samplesheet path (names the VALIDATE task)
+    samplesheet    // string : samplesheet path (unused since VALIDATE runs per dataset; kept for the entry workflow)
 
     main:
     ch_versions = channel.empty()
@@ -49,69 +51,94 @@ workflow UCE {
     } else {
         ch_model_dir = channel.value(file(params.model_dir.toString(), checkIfExists: true))
     }
-    // Overrides of single model files; [] stages nothing.
-    def overrides = [params.spec_chrom_csv, params.offset_pkl, params.token_file, params.protein_embeddings_dir].collect { p -> optionalFile(p) }
-    // value channel: [ model_dir, checkpoint, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir ]
-    ch_model = ch_model_dir.map { dir -> [dir, model_path ?: dir.resolve(model_name)] + overrides }
+    // Only PREPARE_SPECIES stages the checkpoint.
+    ch_checkpoint = ch_model_dir.map { dir -> model_path ?: dir.resolve(model_name) }
 
     //
-    // VALIDATE the whole samplesheet once. Sorted by sample id: stable task hash.
+    // Explicit model files per species, never the folder, so a file added to --model_dir (the other
+    // checkpoint) changes no task hash. NEW_SPECIES tuples (issue 13) mix into this channel.
+    // channel: [ meta (id: species, species: species), spec_chrom_csv, offset_pkl, token_file, protein_embedding_pt ]
     //
-    def sheet_name = file(samplesheet).name
+    ch_species_files = ch_samplesheet
+        .map { meta, h5ad -> meta.species }
+        .unique()
+        .combine(ch_model_dir)
+        .map { species, dir -> speciesFiles(species, dir) }
+
+    //
+    // SPECIES_VOCAB once per species (model-independent), then VALIDATE once per dataset against it.
+    //
+    SPECIES_VOCAB(ch_species_files)
+    ch_versions = ch_versions.mix(SPECIES_VOCAB.out.versions.first())
+    ch_vocab = SPECIES_VOCAB.out.vocab.map { meta, f -> [meta.species, f] }
+
     ch_validate_in = ch_samplesheet
-        .toSortedList { a, b -> a[0].id <=> b[0].id }
-        .map { rows -> [[id: sheet_name], rows.collect { r -> r[0] }, rows.collect { r -> r[1] }] }
-    VALIDATE(ch_validate_in, ch_model)
-    ch_versions = ch_versions.mix(VALIDATE.out.versions)
+        .map { meta, h5ad -> [meta.species, meta, h5ad] }
+        .combine(ch_vocab, by: 0)
+        .map { species, meta, h5ad, vocab -> [meta, h5ad, vocab] }
+    VALIDATE(ch_validate_in)
+    ch_versions = ch_versions.mix(VALIDATE.out.versions.first())
 
-    // Gate: datasets enter the heavy steps only once VALIDATE has passed. VALIDATE records bad
+    // Gate: datasets enter the heavy steps only once every VALIDATE has passed. VALIDATE records bad
     // datasets in its JSON instead of failing, so the run stops here with one line per bad dataset
-    // in the user's terms (sample id, samplesheet path), not in a task's staged paths.
-    ch_user_paths = ch_samplesheet
-        .toList()
-        .map { rows -> [h5ads: rows.collectEntries { r -> [r[0].id, r[1]] }] }
+    // in the user's terms (sample id, samplesheet path, model file paths), not in a task's staged
+    // paths. pipeline_info/validated.json and samplesheet.valid.csv are written here, also on failure.
+    ch_user_rows = ch_samplesheet.toList().map { rows -> [rows: rows] }
+    ch_user_files = ch_species_files.toList().map { rows -> [files: rows.collectEntries { r -> [r[0].species, r[1..4]] }] }
     ch_validated = VALIDATE.out.json
-        .combine(ch_user_paths)
-        .combine(ch_model.map { files -> [model: files] })
-        .map { meta, json, user, model ->
-            def bad = validationErrors(json, user.h5ads, model.model)
-            if (bad) {
-                error(bad.join('\n'))
+        .map { meta, json -> [meta.id, json] }
+        .toList()
+        .map { results -> [results: results] }
+        .combine(ch_user_rows)
+        .combine(ch_user_files)
+        .map { res, user, model ->
+            def summary = validationSummary(res.results, user.rows, model.files)
+            writeValidation(summary, user.rows)
+            if (summary.errors) {
+                error(summary.errors.join('\n'))
             }
-            json
+            true
         }
     ch_samples = ch_samplesheet
         .combine(ch_validated)
-        .map { meta, h5ad, json -> [meta, h5ad] }
+        .map { meta, h5ad, ok -> [meta, h5ad] }
 
     //
-    // PREPARE_SPECIES once per (species, model), shared by every dataset of that species.
+    // PREPARE_SPECIES once per (species, checkpoint): the vocabulary projected by the checkpoint.
+    // Validated first; the datasets of a species wait for it, so a bad checkpoint stops the run
+    // (one line) before any heavy step.
     //
-    ch_species_in = ch_samples
-        .map { meta, h5ad -> meta.species }
-        .unique()
-        .map { species -> [id: species, species: species, model: model_name] }
-    PREPARE_SPECIES(ch_species_in, ch_model)
+    ch_prepare_in = ch_vocab
+        .combine(ch_validated)
+        .combine(ch_checkpoint)
+        .map { species, vocab, ok, ckpt -> [[id: species, species: species, model: model_name], vocab, ckpt] }
+    PREPARE_SPECIES(ch_prepare_in)
     ch_versions = ch_versions.mix(PREPARE_SPECIES.out.versions.first())
     ch_species_file = PREPARE_SPECIES.out.species.map { meta, f -> [meta.species, f] }
 
     //
     // Per dataset: PREPROCESS -> INDEX -> SENTENCES
     //
+    // PREPROCESS and INDEX read the vocabulary only: a new --model leaves them cached.
     ch_preprocess_in = ch_samples
         .map { meta, h5ad -> [meta.species, meta, h5ad] }
+        .combine(ch_vocab, by: 0)
         .combine(ch_species_file, by: 0)
-        .map { species, meta, h5ad, species_file -> [meta, h5ad, species_file] }
+        .map { species, meta, h5ad, vocab, species_file -> [meta, h5ad, vocab] }
     PREPROCESS(ch_preprocess_in)
     ch_versions = ch_versions.mix(PREPROCESS.out.versions.first())
 
-    // species file of each dataset, by sample id
-    ch_sample_species = ch_preprocess_in.map { meta, h5ad, species_file -> [meta.id, species_file] }
+    // by sample id: the vocabulary (INDEX) and the projected species file (EMBED, MERGE)
+    ch_sample_vocab = ch_preprocess_in.map { meta, h5ad, vocab -> [meta.id, vocab] }
+    ch_sample_species = ch_samples
+        .map { meta, h5ad -> [meta.species, meta.id] }
+        .combine(ch_species_file, by: 0)
+        .map { species, id, species_file -> [id, species_file] }
 
     ch_index_in = PREPROCESS.out.adata
         .map { meta, adata -> [meta.id, meta, adata] }
-        .join(ch_sample_species)
-        .map { id, meta, adata, species_file -> [meta, adata, species_file] }
+        .join(ch_sample_vocab)
+        .map { id, meta, adata, vocab -> [meta, adata, vocab] }
     INDEX(ch_index_in)
     ch_versions = ch_versions.mix(INDEX.out.versions.first())
 
@@ -180,22 +207,67 @@ workflow UCE {
     versions = ch_versions            // channel: versions.yml files
 }
 
-// One line per dataset that failed VALIDATE: "VALIDATE: sample 'id' (<samplesheet path>): <what,
-// how to fix>", with the task's staged names (inputs/N/x.h5ad, model_files/...) put back to the
-// user's paths. Empty when every dataset passed (and for a stub run's placeholder JSON).
-def validationErrors(json, h5ads, model) {
-    def results = new groovy.json.JsonSlurper().parseText(json.text)
-    def failed = results.findAll { id, r -> r instanceof Map && r.error }
-    // stageAs names of VALIDATE's model inputs -> the files they stand for
-    def staged = [['model_files', model[0]], ["checkpoint/${model[1].name}", model[1]]]
-    ['chrom', 'offsets', 'tokens', 'protein'].eachWithIndex { dir, i ->
-        if (model[i + 2]) {
-            staged << ["overrides/${dir}/${model[i + 2].name}", model[i + 2]]
+// Official file names of the per-species protein embeddings (as src/uce_nf/model_files.py).
+def officialProteinEmbeddings() {
+    return [
+        human              : 'Homo_sapiens.GRCh38.gene_symbol_to_embedding_ESM2.pt',
+        mouse              : 'Mus_musculus.GRCm39.gene_symbol_to_embedding_ESM2.pt',
+        frog               : 'Xenopus_tropicalis.Xenopus_tropicalis_v9.1.gene_symbol_to_embedding_ESM2.pt',
+        zebrafish          : 'Danio_rerio.GRCz11.gene_symbol_to_embedding_ESM2.pt',
+        mouse_lemur        : 'Microcebus_murinus.Mmur_3.0.gene_symbol_to_embedding_ESM2.pt',
+        pig                : 'Sus_scrofa.Sscrofa11.1.gene_symbol_to_embedding_ESM2.pt',
+        macaca_fascicularis: 'Macaca_fascicularis.Macaca_fascicularis_6.0.gene_symbol_to_embedding_ESM2.pt',
+        macaca_mulatta     : 'Macaca_mulatta.Mmul_10.gene_symbol_to_embedding_ESM2.pt',
+    ]
+}
+
+// [ meta, spec_chrom_csv, offset_pkl, token_file, protein_embedding_pt ] of one species: --model_dir's
+// official layout, or the per-file params. A missing file is one line here, before any task. The
+// protein embeddings are found as the reference finds them (the official names, plus
+// new_species_protein_embeddings.csv); [] for a species without any, which SPECIES_VOCAB reports.
+def speciesFiles(species, dir) {
+    def stub = workflow.stubRun
+    def pick = { key, name ->
+        def f = params[key] ? file(params[key].toString()) : dir.resolve(name)
+        if (!stub && !f.exists()) {
+            error("${params[key] ? '--' + key : '--model_dir ' + dir.toUriString()}: ${name} not found (${f.toUriString()}); download the official model files (--download_model_files) or pass --${key}")
+        }
+        f
+    }
+    def csv    = pick('spec_chrom_csv', 'species_chrom.csv')
+    def pkl    = pick('offset_pkl', 'species_offsets.pkl')
+    def tokens = pick('token_file', 'all_tokens.torch')
+    def pe_dir = params.protein_embeddings_dir ? file(params.protein_embeddings_dir.toString()) : dir.resolve('protein_embeddings')
+    def names  = officialProteinEmbeddings()
+    def extra  = dir.resolve('new_species_protein_embeddings.csv')
+    if (extra.exists()) {
+        extra.readLines().drop(1).findAll { l -> l.trim() }.each { l ->
+            def cols = l.split(',', 2)
+            names[cols[0].trim()] = cols[1].trim()
         }
     }
-    def order = h5ads.keySet().toList()   // samplesheet order
-    return failed.sort { a, b -> order.indexOf(a.key) <=> order.indexOf(b.key) }.collect { id, r ->
-        def user = h5ads[id] instanceof java.nio.file.Path ? h5ads[id].toUriString() : (h5ads[id] ?: r.input).toString()
+    def pe = []
+    if (names[species]) {
+        def f = names[species].startsWith('/') ? file(names[species]) : pe_dir.resolve(names[species])
+        if (f.exists()) {
+            pe = f
+        } else if (!stub) {
+            error("--model_dir ${dir.toUriString()}: protein embeddings of '${species}' not found (${f.toUriString()}); download the official model files (--download_model_files) or pass --protein_embeddings_dir")
+        }
+    }
+    return [[id: species, species: species], csv, pkl, tokens, pe]
+}
+
+// Every dataset's VALIDATE result: errors, one line per bad dataset in samplesheet order,
+// "VALIDATE: sample 'id' (<samplesheet path>): <what, how to fix>", with the tasks' staged names
+// (input/x.h5ad, model/offsets/species_offsets.pkl, ...) put back to the user's paths; and the
+// merged JSON. No errors for a stub run's placeholder JSON.
+def validationSummary(results, rows, species_files) {
+    def slurper = new groovy.json.JsonSlurper()
+    def parsed = new TreeMap(results.collectEntries { id, json -> [id, slurper.parseText(json.text)] })
+    def errors = rows.findAll { meta, h5ad -> parsed[meta.id] instanceof Map && parsed[meta.id].error }.collect { meta, h5ad ->
+        def r = parsed[meta.id]
+        def user = h5ad instanceof java.nio.file.Path ? h5ad.toUriString() : h5ad.toString()
         def msg = r.error.toString()
         def input = r.input?.toString()
         if (input && msg.startsWith(input + ': ')) {
@@ -204,15 +276,36 @@ def validationErrors(json, h5ads, model) {
         if (input) {
             msg = msg.replace(input, user)
         }
-        staged.each { name, real ->
-            def to = java.util.regex.Matcher.quoteReplacement(real instanceof java.nio.file.Path ? real.toUriString() : real.toString())
-            msg = msg.replaceAll('(?<![\\w./-])' + java.util.regex.Pattern.quote(name.toString()) + '(?=/|:|$)', to)
+        def files = species_files[meta.species] ?: []
+        ['model/chrom', 'model/offsets', 'model/tokens', 'model/protein'].eachWithIndex { dir, i ->
+            def real = files[i]
+            if (real) {
+                def to = java.util.regex.Matcher.quoteReplacement(real.toUriString())
+                msg = msg.replaceAll('(?<![\\w./-])' + java.util.regex.Pattern.quote("${dir}/${real.name}".toString()) + '(?![\\w.-])', to)
+            }
         }
-        "VALIDATE: sample '${id}' (${user}): ${msg}".toString()
+        "VALIDATE: sample '${meta.id}' (${user}): ${msg}".toString()
     }
+    return [errors: errors, json: groovy.json.JsonOutput.prettyPrint(groovy.json.JsonOutput.toJson(parsed)) + '\n']
 }
 
-// A file that must exist, or [] (an empty path input) when the param is not set.
-def optionalFile(p) {
-    return p ? file(p.toString(), checkIfExists: true) : []
+// pipeline_info/validated.json (per sample: its checks, or its error) and samplesheet.valid.csv
+// (the samplesheet as checked, with resolved paths), written before the run continues or stops.
+def writeValidation(summary, rows) {
+    def dir = file("${params.outdir}/pipeline_info")
+    dir.mkdirs()
+    def optional = ['gene_column', 'counts_layer'].findAll { c -> rows.any { r -> r[0][c] } }
+    def lines = [(['sample', 'h5ad', 'species'] + optional).join(',')]
+    rows.each { meta, h5ad ->
+        def path = h5ad instanceof java.nio.file.Path ? h5ad.toUriString() : h5ad.toString()
+        lines << ([meta.id, path, meta.species] + optional.collect { c -> meta[c] ?: '' }).collect { v -> csvField(v) }.join(',')
+    }
+    dir.resolve('validated.json').text = summary.json
+    dir.resolve('samplesheet.valid.csv').text = lines.join('\n') + '\n'
+}
+
+// Quotes a CSV field when it needs it (RFC 4180).
+def csvField(v) {
+    def s = v == null ? '' : v.toString()
+    return (s.contains(',') || s.contains('"')) ? '"' + s.replace('"', '""') + '"' : s
 }

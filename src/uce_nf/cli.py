@@ -39,9 +39,10 @@ def model_file_options(fn):
     return fn
 
 
-def _files(o):
+def _files(o, protein_embedding=None):
     from .model_files import ModelFiles
-    return ModelFiles(o["model_dir"], o["model"], o["spec_chrom_csv"], o["offset_pkl"], o["token_file"], o["protein_embeddings_dir"])
+    return ModelFiles(o["model_dir"], o["model"], o["spec_chrom_csv"], o["offset_pkl"], o["token_file"],
+                      o["protein_embeddings_dir"], protein_embedding)
 
 
 @click.group(context_settings=CTX)
@@ -53,19 +54,59 @@ def main(verbose):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+CHROM_OFFSET_HELP = ("First token-table row of the chromosome tokens (the reference's CHROM_TOKEN_OFFSET). Default: "
+                     "143574 with the checkpoint's own table; required for a replaced token file unless its layout "
+                     "proves it.")
+
+
+@main.command("species-vocab", context_settings=CTX)
+@click.option("--species", required=True, help="Species name, a key of species_offsets.pkl (e.g. human).")
+@model_file_options
+@click.option("--protein-embedding", type=PathIn, default=None,
+              help="This species' protein embeddings (.pt), instead of looking it up in --protein-embeddings-dir.")
+@click.option("--chrom-token-offset", type=click.IntRange(0), default=None, help=CHROM_OFFSET_HELP)
+@click.option("--record-errors", is_flag=True,
+              help="On a problem with the model files write it into the output (exit 0): the pipeline's VALIDATE "
+                   "reports it for every dataset of the species.")
+@click.option("--output", type=PathOut, required=True, help="Vocabulary file to write (.vocab.pt).")
+@handle_errors
+def species_vocab_cmd(species, protein_embedding, chrom_token_offset, record_errors, output, **o):
+    """The model-independent half of a species file: symbols, token ids, chromosomes, starts. Reads no checkpoint."""
+    from .species import save_species, species_vocab, vocab_error
+    try:
+        obj = species_vocab(_files(o, (species, protein_embedding) if protein_embedding else None), species,
+                            chrom_token_offset)
+    except UserError as e:
+        if not record_errors:
+            raise
+        log.error("%s", e)
+        obj = vocab_error(species, str(e))
+    save_species(obj, output)
+    log.info("wrote %s", output)
+
+
 @main.command("prepare-species", context_settings=CTX)
 @click.option("--species", required=True, help="Species name, a key of species_offsets.pkl (e.g. human).")
 @model_file_options
-@click.option("--chrom-token-offset", type=click.IntRange(0), default=None,
-              help="First token-table row of the chromosome tokens (the reference's CHROM_TOKEN_OFFSET). "
-                   "Default: 143574 with the checkpoint's own table; required for a replaced token file "
-                   "unless its layout proves it.")
+@click.option("--vocab", "vocab_path", type=PathIn, default=None,
+              help="From `uce species-vocab`: project it with --model (a path) alone; no other model file is read.")
+@click.option("--chrom-token-offset", type=click.IntRange(0), default=None, help=CHROM_OFFSET_HELP)
 @click.option("--output", type=PathOut, required=True, help="Species file to write (.species.pt).")
 @handle_errors
-def prepare_species_cmd(species, output, chrom_token_offset, **o):
-    """Vocabulary and projected token table of one species for one checkpoint."""
-    from .species import prepare_species, save_species
-    save_species(prepare_species(_files(o), species, o["nhead"], chrom_token_offset), output)
+def prepare_species_cmd(species, output, chrom_token_offset, vocab_path=None, **o):
+    """Vocabulary and projected token table of one species for one checkpoint, with the weights EMBED needs."""
+    from .species import load_vocab, prepare_species, project_species, save_species
+    if vocab_path is None:
+        save_species(prepare_species(_files(o), species, o["nhead"], chrom_token_offset), output)
+    else:
+        vocab = load_vocab(vocab_path)
+        if vocab["species"] != species:
+            raise UserError(f"{vocab_path}: the vocabulary of '{vocab['species']}', not '{species}'")
+        from .model_files import load_checkpoint
+        ckpt = Path(o["model"]) if o["model_dir"] is None else Path(o["model_dir"]) / o["model"]
+        if not ckpt.is_file():
+            raise UserError(f"{ckpt}: checkpoint not found; pass --model PATH")
+        save_species(project_species(vocab, load_checkpoint(ckpt), ckpt, o["nhead"]), output)
     log.info("wrote %s", output)
 
 
@@ -84,7 +125,7 @@ def filter_options(fn):
 @main.command("preprocess", context_settings=CTX)
 @click.option("--input", "input_", type=PathDataset, required=True,
               help="Input dataset (read only): .h5ad, AnnData .zarr, Cell Ranger .h5 or mtx folder.")
-@click.option("--species-file", type=PathIn, required=True, help="From `uce prepare-species`.")
+@click.option("--species-file", type=PathIn, required=True, help="From `uce species-vocab` (or `uce prepare-species`).")
 @filter_options
 @click.option("--output", type=PathOut, required=True, help="Processed h5ad to write.")
 @click.option("--stats", type=PathOut, required=True, help="JSON with cells/genes in, kept and dropped.")
@@ -92,8 +133,8 @@ def filter_options(fn):
 def preprocess_cmd(input_, species_file, filter_, min_cells, min_genes, gene_column, counts_layer, output, stats):
     """Filter cells and genes as the reference does, on sparse chunks; keep genes with embeddings."""
     from .preprocess import FilterSettings, preprocess
-    from .species import load_species
-    sf = load_species(species_file)
+    from .species import load_vocab
+    sf = load_vocab(species_file)
     st = preprocess(input_, sf, FilterSettings(filter_, min_cells, min_genes), output, gene_column=gene_column,
                     counts_layer=counts_layer)
     st["species"] = sf["species"]
@@ -103,15 +144,15 @@ def preprocess_cmd(input_, species_file, filter_, min_cells, min_genes, gene_col
 
 @main.command("index", context_settings=CTX)
 @click.option("--adata", type=PathIn, required=True, help="Processed h5ad.")
-@click.option("--species-file", type=PathIn, required=True)
+@click.option("--species-file", type=PathIn, required=True, help="From `uce species-vocab` (or `uce prepare-species`).")
 @click.option("--output", type=PathOut, required=True, help="Index file (.index.npz).")
 @handle_errors
 def index_cmd(adata, species_file, output):
     """Token id, chromosome code and start of every processed gene."""
     import anndata as ad
-    from .species import load_species
+    from .species import load_vocab
     from .tokens import index_genes, save_index
-    save_index(index_genes(ad.read_h5ad(adata, backed="r").var_names, load_species(species_file)), output)
+    save_index(index_genes(ad.read_h5ad(adata, backed="r").var_names, load_vocab(species_file)), output)
 
 
 REFERENCE_BATCH_SIZE = 25  # eval_single_anndata's --batch_size default

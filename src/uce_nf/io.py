@@ -61,7 +61,10 @@ def load_tagged(path: str | os.PathLike, fmt: str, what: str, made_by: str, weig
     line naming the command that makes it."""
     import torch
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+        try:  # memory-mapped: MERGE and the report read a few fields of a species file that holds GBs of weights
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError:  # not the zip format
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
         raise UserError(f"{path}: not {what} from `{made_by}` ({type(e).__name__}); run `{made_by}` again") from None
     if not isinstance(obj, dict) or obj.get("format") != fmt:

@@ -52,6 +52,8 @@ class ModelFiles:
     offset_pkl: Path | None = None
     token_file: Path | None = None
     protein_embeddings_dir: Path | None = None
+    # (species, file): that one species' protein embeddings, as the pipeline stages them (no folder)
+    protein_embedding: tuple[str, Path] | None = None
     paths: dict = field(init=False)
 
     def __post_init__(self):
@@ -60,6 +62,8 @@ class ModelFiles:
         def pick(override, name, what):
             if override:
                 return Path(override)
+            if base is None and what == "protein-embeddings-dir":
+                return None  # one species' file given instead (protein_embedding), or none: protein_embedding_file says so
             if base is None:
                 raise UserError(f"--{what}: not given and no --model-dir; pass --model-dir DIR "
                                 "(the official model_files layout) or the file itself")
@@ -79,7 +83,7 @@ class ModelFiles:
         """Fail early, naming the missing file and the fix."""
         for name in names or self.paths:
             p = self.paths[name]
-            if not p.exists():
+            if p is not None and not p.exists():
                 raise UserError(f"{p}: model file '{name}' not found; download the official files with "
                                 "`uce download-model-files --dest DIR` (or --download_model_files in the "
                                 f"pipeline), or pass --{name.replace('_', '-')}")
@@ -90,7 +94,12 @@ class ModelFiles:
             return {str(k): int(v) for k, v in pickle.load(f).items()}
 
     def protein_embedding_file(self, species: str) -> Path:
+        if self.protein_embedding and self.protein_embedding[0] == species:
+            return Path(self.protein_embedding[1])
         d = self.paths["protein_embeddings_dir"]
+        if d is None:
+            raise UserError(f"species '{species}': no protein embeddings file found for it; pass --protein_embeddings_dir, "
+                            f"or add the species in {NEW_SPECIES_CSV} of --model_dir")
         files = dict(PROTEIN_EMBEDDING_FILES)
         extra = d.parent / NEW_SPECIES_CSV if self.model_dir is None else Path(self.model_dir) / NEW_SPECIES_CSV
         if extra.exists():
@@ -124,10 +133,15 @@ class ModelFiles:
 
     def checkpoint(self) -> dict[str, torch.Tensor]:
         self.check("model")
-        sd = _load(self.paths["model"])
-        if not isinstance(sd, dict) or "encoder.0.weight" not in sd:
-            raise UserError(f"{self.paths['model']}: not a UCE checkpoint (no 'encoder.0.weight' in the state dict)")
-        return sd
+        return load_checkpoint(self.paths["model"])
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A UCE state dict, memory-mapped."""
+    sd = _load(path)
+    if not isinstance(sd, dict) or "encoder.0.weight" not in sd:
+        raise UserError(f"{path}: not a UCE checkpoint (no 'encoder.0.weight' in the state dict)")
+    return sd
 
 
 def _load(path: Path):

@@ -19,50 +19,91 @@ import torch.nn.functional as F
 
 from . import __version__
 from .io import UserError, atomic_path, load_tagged
-from .model_files import (CHROM_CLOSE, CLS, OFFICIAL_TOKEN_ROWS, PAD, REFERENCE_CHROM_TOKEN_OFFSET, ModelConfig, ModelFiles,
-                          chrom_code_dtype, sha256_of, species_vocabulary, token_table)
+from .model_files import (CHROM_CLOSE, CLS, OFFICIAL_TABLE_ROWS, OFFICIAL_TOKEN_ROWS, PAD, REFERENCE_CHROM_TOKEN_OFFSET,
+                          ModelConfig, ModelFiles, _load, chrom_code_dtype, sha256_of, species_vocabulary)
 
 log = logging.getLogger(__name__)
 FORMAT = "uce-nf/species/1"
+VOCAB_FORMAT = "uce-nf/species-vocab/1"  # the model-independent half (species_vocab)
 EMBED_MODULES = ("pos_encoder", "transformer_encoder", "decoder", "encoder")  # state-dict prefixes EMBED uses
 
 
-def prepare_species(files: ModelFiles, species: str, nhead: int | None = None,
-                    chrom_token_offset: int | None = None) -> dict:
+def species_vocab(files: ModelFiles, species: str, chrom_token_offset: int | None = None) -> dict:
+    """The model-independent half: what PREPROCESS, INDEX and SENTENCES use. Reads no checkpoint, so
+    switching checkpoints reuses it. The token table is found from the token file alone: an official-size
+    file means the checkpoint's own table, which both official checkpoints have at 145,469 rows (assumed
+    here, checked by project_species); any other size means the token file's rows, copied in for the
+    vocabulary only (a replaced token file is not part of any checkpoint)."""
     offsets = files.species_offsets()
     if species not in offsets:
         raise UserError(f"species '{species}' is not in {files.paths['offset_pkl']}; supported: "
                         f"{', '.join(sorted(offsets))}")
     symbols = species_vocabulary(files, species)
     token_ids = np.arange(len(symbols), dtype=np.int64) + offsets[species]
-
     codes, starts, in_csv, n_cat = species_chromosomes(files, species, symbols)
-
-    sd = files.checkpoint()
-    config = ModelConfig.from_state_dict(sd, nhead)
-    table = token_table(files, sd)
-    offset = resolve_chrom_token_offset(files, species, len(symbols), int(table.shape[0]),
-                                        table is sd["pe_embedding.weight"], codes[in_csv], n_cat,
-                                        chrom_token_offset)
+    rows, width = files.token_table_shape()
+    checkpoint_table = rows in (OFFICIAL_TOKEN_ROWS, OFFICIAL_TABLE_ROWS)
+    table_rows = OFFICIAL_TABLE_ROWS if checkpoint_table else rows
+    offset = resolve_chrom_token_offset(files, species, len(symbols), table_rows, checkpoint_table, codes[in_csv],
+                                        n_cat, chrom_token_offset)
     chrom_tokens = offset + np.unique(codes[in_csv]).astype(np.int64)
     vocab = np.unique(np.concatenate([[PAD, CHROM_CLOSE, CLS], token_ids[in_csv], chrom_tokens]))
-    if vocab[-1] >= table.shape[0]:
-        raise UserError(f"token ids of '{species}' reach {vocab[-1]} but the token table has {table.shape[0]} rows; "
+    if vocab[-1] >= table_rows:
+        raise UserError(f"token ids of '{species}' reach {vocab[-1]} but the token table has {table_rows} rows; "
                         "species_offsets.pkl and the token file do not belong together")
-    projected = project_tokens(sd, table, vocab)
-    # EMBED needs the transformer and decoder only: the token table (~3 GB of each official checkpoint)
-    # is already projected above, and binary_decoder/gene_embedding_layer are training heads.
-    weights = {k: v.contiguous().clone() for k, v in sd.items() if k.split(".")[0] in EMBED_MODULES}
-    return {
-        "format": FORMAT, "version": __version__, "species": species,
+    out = {
+        "format": VOCAB_FORMAT, "version": __version__, "species": species,
         "symbols": symbols, "token_ids": torch.from_numpy(token_ids),
         "chrom_codes": torch.from_numpy(codes.astype(np.int64)), "chrom_code_dtype": str(codes.dtype),
         "starts": torch.from_numpy(starts), "in_chrom_csv": torch.from_numpy(in_csv),
-        "chrom_token_offset": int(offset),
-        "vocab": torch.from_numpy(vocab), "projected": projected, "weights": weights,
-        "model": {"file": files.paths["model"].name, "sha256": sha256_of(files.paths["model"]),
-                  "size": files.paths["model"].stat().st_size, "config": config.__dict__},
+        "chrom_token_offset": int(offset), "vocab": torch.from_numpy(vocab),
+        "table": {"source": "checkpoint" if checkpoint_table else "token_file", "rows": int(table_rows),
+                  "width": int(width), "file": files.paths["token_file"].name},
     }
+    if not checkpoint_table:
+        out["token_rows"] = _load(files.paths["token_file"])[torch.from_numpy(vocab)].float().clone()
+    return out
+
+
+def project_species(vocab: dict, sd: dict, checkpoint: Path, nhead: int | None = None) -> dict:
+    """The per-checkpoint half: the vocabulary's token rows projected by this checkpoint, and the weights
+    EMBED needs. A checkpoint that breaks what the vocabulary assumed is one line, never a quiet difference."""
+    config = check_checkpoint(vocab, sd, checkpoint, nhead)
+    ids = vocab["vocab"].numpy()
+    if vocab["table"]["source"] == "checkpoint":
+        projected = project_tokens(sd, sd["pe_embedding.weight"], ids)
+    else:
+        projected = project_tokens(sd, vocab["token_rows"], np.arange(len(ids)))
+    # EMBED needs the transformer and decoder only: the token table (~3 GB of each official checkpoint)
+    # is already projected above, and binary_decoder/gene_embedding_layer are training heads.
+    weights = {k: v.contiguous().clone() for k, v in sd.items() if k.split(".")[0] in EMBED_MODULES}
+    out = {k: v for k, v in vocab.items() if k not in ("format", "table", "token_rows")}
+    out.update({"format": FORMAT, "version": __version__, "projected": projected, "weights": weights,
+                "model": {"file": Path(checkpoint).name, "sha256": sha256_of(checkpoint),
+                          "size": Path(checkpoint).stat().st_size, "config": config.__dict__}})
+    return out
+
+
+def check_checkpoint(vocab: dict, sd: dict, checkpoint: Path, nhead: int | None = None) -> ModelConfig:
+    """What the vocabulary assumed about the checkpoint, checked: one line each."""
+    config = ModelConfig.from_state_dict(sd, nhead)
+    t = vocab["table"]
+    if t["width"] != config.token_dim:
+        raise UserError(f"{t['file']}: token width {t['width']} does not match the checkpoint's token_dim "
+                        f"{config.token_dim} ({Path(checkpoint).name}); use the token file of this model")
+    rows = sd["pe_embedding.weight"].shape[0]
+    if t["source"] == "checkpoint" and rows != t["rows"]:
+        raise UserError(f"{Path(checkpoint).name}: its token table has {rows} rows, not the official {t['rows']} that "
+                        f"the vocabulary of '{vocab['species']}' assumed for the official-size {t['file']}; pass "
+                        "--token_file with this checkpoint's own token table (and --chrom_token_offset)")
+    return config
+
+
+def prepare_species(files: ModelFiles, species: str, nhead: int | None = None,
+                    chrom_token_offset: int | None = None) -> dict:
+    """Both halves in one go (`uce run`, `uce prepare-species --model-dir`)."""
+    vocab = species_vocab(files, species, chrom_token_offset)
+    return project_species(vocab, files.checkpoint(), files.paths["model"], nhead)
 
 
 def species_chromosomes(files: ModelFiles, species: str, symbols: list[str]):
@@ -86,16 +127,6 @@ def species_chromosomes(files: ModelFiles, species: str, symbols: list[str]):
     return codes, starts, in_csv, n_cat
 
 
-def chrom_token_offset_for(files: ModelFiles, species: str, symbols: list[str], given: int | None = None,
-                           sd: dict | None = None) -> int:
-    """The offset prepare_species will use, checked, without projecting anything (VALIDATE)."""
-    codes, _, in_csv, n_cat = species_chromosomes(files, species, symbols)
-    sd = sd if sd is not None else files.checkpoint()
-    table = token_table(files, sd)
-    return resolve_chrom_token_offset(files, species, len(symbols), int(table.shape[0]),
-                                      table is sd["pe_embedding.weight"], codes[in_csv], n_cat, given)
-
-
 def resolve_chrom_token_offset(files: ModelFiles, species: str, n_genes: int, table_rows: int,
                                checkpoint_table: bool, species_codes: np.ndarray, n_categories: int,
                                given: int | None) -> int:
@@ -112,14 +143,14 @@ def resolve_chrom_token_offset(files: ModelFiles, species: str, n_genes: int, ta
     elif checkpoint_table:
         offset, how = REFERENCE_CHROM_TOKEN_OFFSET, "the reference default for the checkpoint's token table"
     else:
-        gene_end = gene_rows_end(files)
+        gene_end, proof = gene_rows_end(files, species, n_genes, table_rows - n_categories)
         if gene_end is None or table_rows - gene_end != n_categories:
             raise UserError(
                 f"--chrom_token_offset is required for {files.paths['token_file']} ({table_rows} rows, not the "
                 f"official {OFFICIAL_TOKEN_ROWS}): pass the CHROM_TOKEN_OFFSET the token file was built with "
                 "(4 + number of genes for a file made by the UCE new-species notebook)")
-        offset, how = gene_end, (f"inferred: the gene blocks of {files.paths['offset_pkl'].name} end there and the "
-                                 f"remaining {n_categories} rows are one per chromosome of {files.paths['spec_chrom_csv'].name}")
+        offset, how = gene_end, (f"inferred: {proof} and the remaining {n_categories} rows are one per chromosome "
+                                 f"of {files.paths['spec_chrom_csv'].name}")
     check_chrom_token_offset(offset, species, files.species_offsets(), n_genes, table_rows, species_codes)
     log.info("chrom_token_offset %d (%s)", offset, how)
     return offset
@@ -139,16 +170,38 @@ def check_chrom_token_offset(offset: int, species: str, offsets: dict[str, int],
                         f"token table has {table_rows} rows; pass the offset the token file was built with")
 
 
-def gene_rows_end(files: ModelFiles) -> int | None:
-    """First row after every species' gene block, when every species of the offsets file has its
-    protein embeddings (their sizes prove where the blocks end); else None."""
-    end = 0
-    for sp, first in files.species_offsets().items():
+def gene_rows_end(files: ModelFiles, species: str, n_genes: int, chrom_start: int) -> tuple[int | None, str]:
+    """First row after every species' gene block, and how that is known; (None, "") when unproven.
+
+    With every species' protein embeddings (a model folder) their sizes prove where the blocks end. The
+    pipeline stages one species' file only: then the end is proven when this species' block is the last
+    one; otherwise the blocks are taken to tile in offset order (as the reference's files do), this
+    species' block is checked to fit its gap, and the last block is taken to end at `chrom_start` (the
+    row after which one row per chromosome category remains), logged as an assumption."""
+    offsets = files.species_offsets()
+    end, unknown = offsets[species] + n_genes, []
+    for sp, first in offsets.items():
+        if sp == species:
+            continue
         try:
             end = max(end, first + len(species_vocabulary(files, sp)))
         except UserError:
-            return None
-    return end
+            unknown.append(sp)
+    name = files.paths["offset_pkl"].name
+    if not unknown:
+        return end, f"the gene blocks of {name} end there"
+    if files.paths["protein_embeddings_dir"] is not None:  # a folder missing a listed species: no proof
+        return None, ""
+    order = sorted(offsets.values())
+    last = max(offsets, key=offsets.get)
+    if last == species:  # every other block starts before this one, which ends at `end`
+        return end, f"'{species}' holds the last gene block of {name}, which ends there"
+    gap = next(o for o in order if o > offsets[species])
+    if end > gap or chrom_start <= offsets[last]:
+        return None, ""
+    log.warning("chrom_token_offset: assuming the last gene block of %s ('%s') ends at row %d, where the chromosome "
+                "rows begin; pass --chrom_token_offset to state it", name, last, chrom_start)
+    return chrom_start, f"the gene blocks of {name} tile up to it (the last one, '{last}', assumed to end there)"
 
 
 @torch.no_grad()
@@ -187,3 +240,20 @@ def save_species(obj: dict, path: Path) -> None:
 
 def load_species(path: Path) -> dict:
     return load_tagged(path, FORMAT, "a species file", "uce prepare-species", weights_only=False)
+
+
+def load_vocab(path: Path) -> dict:
+    """What PREPROCESS, INDEX and VALIDATE read: a vocabulary file, or a whole species file (same keys).
+    A vocabulary that records a problem with the model files raises it, as one line."""
+    try:
+        obj = load_tagged(path, VOCAB_FORMAT, "a species vocabulary", "uce species-vocab", weights_only=False)
+    except UserError:
+        return load_species(path)
+    if obj.get("error"):
+        raise UserError(obj["error"])
+    return obj
+
+
+def vocab_error(species: str, message: str) -> dict:
+    """A vocabulary that holds only a problem: the pipeline reports it per dataset at VALIDATE."""
+    return {"format": VOCAB_FORMAT, "version": __version__, "species": species, "error": message}

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .io import H5Matrix, UserError, open_h5ad, write_json
-from .model_files import ModelConfig, ModelFiles, species_vocabulary
+from .model_files import ModelFiles
 from .preprocess import FilterSettings
 
 try:
@@ -27,22 +27,17 @@ SAMPLE_ROWS = 2000  # cells whose values find_counts checks here (PREPROCESS che
 
 def validate_model_files(files: ModelFiles, species: str, nhead: int | None = None,
                          chrom_token_offset: int | None = None) -> tuple[dict, list[str]]:
-    """The model-file checks of one species; also returns its vocabulary, read once for every check."""
+    """The model-file checks of one species (`uce validate --model-dir`); also returns its vocabulary."""
+    from .species import check_checkpoint, species_vocab
     files.check()
-    offsets = files.species_offsets()
-    if species not in offsets:
-        raise UserError(f"species '{species}' is not in {files.paths['offset_pkl']}; supported: {', '.join(sorted(offsets))}")
-    sd = files.checkpoint()
-    cfg = ModelConfig.from_state_dict(sd, nhead)
-    rows, width = files.token_table_shape()
-    if width != cfg.token_dim:
-        raise UserError(f"{files.paths['token_file']}: token width {width} does not match the checkpoint's token_dim "
-                        f"{cfg.token_dim} ({files.paths['model'].name}); use the token file of this model")
-    from .species import chrom_token_offset_for
-    symbols = species_vocabulary(files, species)
-    offset = chrom_token_offset_for(files, species, symbols, chrom_token_offset, sd)  # impossible values: one line, now
-    return {"model": files.paths["model"].name, "config": cfg.__dict__, "token_rows": rows,
-            "chrom_token_offset": offset}, symbols
+    vocab = species_vocab(files, species, chrom_token_offset)  # impossible offsets: one line, now
+    cfg = check_checkpoint(vocab, files.checkpoint(), files.paths["model"], nhead)
+    return {"model": files.paths["model"].name, "config": cfg.__dict__, **vocab_summary(vocab)}, vocab["symbols"]
+
+
+def vocab_summary(vocab: dict) -> dict:
+    return {"token_rows": vocab["table"]["rows"], "chrom_token_offset": vocab["chrom_token_offset"]} if "table" in vocab \
+        else {"chrom_token_offset": vocab["chrom_token_offset"]}
 
 
 def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | None, counts_layer: str | None,
@@ -82,6 +77,8 @@ def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | 
 @click.option("--species", required=True)
 @click.option("--gene-column", default=None)
 @click.option("--counts-layer", default=None)
+@click.option("--species-vocab", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="From `uce species-vocab` (the pipeline's way): the model files are not read.")
 @click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--model", default="4layer_model.torch")
 @click.option("--spec-chrom-csv", type=click.Path(path_type=Path))
@@ -96,14 +93,19 @@ def validate_dataset(path: Path, species_symbols: list[str], gene_column: str | 
 @click.option("--min-genes", type=click.IntRange(0), default=25)
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="JSON summary; on a problem with the inputs {\"error\": <one line>} (and exit status 2).")
-def validate_command(input_, species, gene_column, counts_layer, model_dir, model, spec_chrom_csv, offset_pkl,
+def validate_command(input_, species, gene_column, counts_layer, species_vocab, model_dir, model, spec_chrom_csv, offset_pkl,
                      token_file, protein_embeddings_dir, min_matched_genes, chrom_token_offset, filter_, min_cells,
                      min_genes, output):
     """Check one dataset and the model files in seconds, before any heavy work."""
     import sys
     try:
-        files = ModelFiles(model_dir, model, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir)
-        model_summary, symbols = validate_model_files(files, species, chrom_token_offset=chrom_token_offset)
+        if species_vocab is not None:
+            from .species import load_vocab
+            vocab = load_vocab(species_vocab)  # a problem the vocabulary step recorded is raised here
+            model_summary, symbols = {"species_vocab": species_vocab.name, **vocab_summary(vocab)}, vocab["symbols"]
+        else:
+            files = ModelFiles(model_dir, model, spec_chrom_csv, offset_pkl, token_file, protein_embeddings_dir)
+            model_summary, symbols = validate_model_files(files, species, chrom_token_offset=chrom_token_offset)
         summary = {"model_files": model_summary}
         summary["dataset"] = validate_dataset(input_, symbols, gene_column, counts_layer,
                                               min_matched_genes, FilterSettings(filter_, min_cells, min_genes))

@@ -1,7 +1,7 @@
 /*
  * Test harness: runs stand-ins of the pipeline's processes under the pipeline's own config
  *   nextflow run tests/nextflow/config_probe.nf -c nextflow.config --outdir out [--retry_codes 143,130]
- * PREPARE_SPECIES prints its ext.args (conf/modules.config) as `ARGS <name> <args>`.
+ * SPECIES_VOCAB prints its ext.args (conf/modules.config) as `ARGS <name> <args>`.
  * With --retry_codes, RETRY fails once with each code, then succeeds (its errorStrategy is
  * conf/base.config's); LAST then fails once with exit 1, which must not be retried.
  * Read the attempts from the trace file in <outdir>/pipeline_info.
@@ -9,7 +9,7 @@
 
 params.retry_codes = null
 
-process PREPARE_SPECIES {
+process SPECIES_VOCAB {
     input:
     val(name)
 
@@ -43,7 +43,7 @@ process LAST {
 
 workflow {
     main:
-    PREPARE_SPECIES(channel.of('human')).view { s -> s.trim() }
+    SPECIES_VOCAB(channel.of('human')).view { s -> s.trim() }
     if (params.retry_codes) {
         RETRY(channel.fromList(params.retry_codes.toString().tokenize(',')))
         LAST(RETRY.out.collect())
