@@ -226,17 +226,10 @@ def officialProteinEmbeddings() {
 // protein embeddings are found as the reference finds them (the official names, plus
 // new_species_protein_embeddings.csv); [] for a species without any, which SPECIES_VOCAB reports.
 def speciesFiles(species, dir) {
-    def stub = workflow.stubRun
-    def pick = { key, name ->
-        def f = params[key] ? file(params[key].toString()) : dir.resolve(name)
-        if (!stub && !f.exists()) {
-            error("${params[key] ? '--' + key : '--model_dir ' + dir.toUriString()}: ${name} not found (${f.toUriString()}); download the official model files (--download_model_files) or pass --${key}")
-        }
-        f
-    }
-    def csv    = pick('spec_chrom_csv', 'species_chrom.csv')
-    def pkl    = pick('offset_pkl', 'species_offsets.pkl')
-    def tokens = pick('token_file', 'all_tokens.torch')
+    def stub   = workflow.stubRun
+    def csv    = modelFile('spec_chrom_csv', 'species_chrom.csv', dir)
+    def pkl    = modelFile('offset_pkl', 'species_offsets.pkl', dir)
+    def tokens = modelFile('token_file', 'all_tokens.torch', dir)
     def pe_dir = params.protein_embeddings_dir ? file(params.protein_embeddings_dir.toString()) : dir.resolve('protein_embeddings')
     def names  = officialProteinEmbeddings()
     def extra  = dir.resolve('new_species_protein_embeddings.csv')
@@ -256,6 +249,15 @@ def speciesFiles(species, dir) {
         }
     }
     return [[id: species, species: species], csv, pkl, tokens, pe]
+}
+
+// One model file: the per-file param when set, else <model_dir>/<name>; missing is one line, now.
+def modelFile(key, name, dir) {
+    def f = params[key] ? file(params[key].toString()) : dir.resolve(name)
+    if (!workflow.stubRun && !f.exists()) {
+        error("${params[key] ? '--' + key : '--model_dir ' + dir.toUriString()}: ${name} not found (${f.toUriString()}); download the official model files (--download_model_files) or pass --${key}")
+    }
+    return f
 }
 
 // Every dataset's VALIDATE result: errors, one line per bad dataset in samplesheet order,

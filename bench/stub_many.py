@@ -1,0 +1,47 @@
+"""Wall time of a -stub-run over N datasets (issue 12: 500): the real channel graph (one VALIDATE per
+dataset, SPECIES_VOCAB/PREPARE_SPECIES per species, 2 stub shards -> 2 EMBED per dataset), with the
+tasks' work replaced by their stubs. What it measures is Nextflow's own cost per task and per dataset.
+
+    python bench/stub_many.py --work /tmp/stub500 [--datasets 500] [--profile test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from nf_utils import read_trace, run_pipeline, simple_name  # noqa: E402
+from test_many_datasets import many_inputs  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--datasets", type=int, default=500)
+    ap.add_argument("--profile", default="test")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    sheet, models = many_inputs(a.work, a.datasets)
+    out = a.work / "out"
+    t0 = time.time()
+    r = run_pipeline(a.work, "-stub-run", "--input", str(sheet), "--model_dir", str(models), "--outdir", str(out),
+                     "--trace_report_suffix", "stub", profile=a.profile, timeout=6 * 3600)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        sys.exit(f"nextflow failed ({r.returncode}):\n{r.stdout[-3000:]}")
+    rows = read_trace(out, "stub")
+    res = {"datasets": a.datasets, "wall_s": round(wall, 1), "tasks": len(rows),
+           "per_task_s": round(wall / len(rows), 3), "counts": dict(Counter(simple_name(x) for x in rows)),
+           "statuses": dict(Counter(x["status"] for x in rows))}
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
