@@ -2,7 +2,10 @@
 dataset, SPECIES_VOCAB/PREPARE_SPECIES per species, 2 stub shards -> 2 EMBED per dataset), with the
 tasks' work replaced by their stubs. What it measures is Nextflow's own cost per task and per dataset.
 
-    python bench/stub_many.py --work /tmp/stub500 [--datasets 500] [--profile test]
+    python bench/stub_many.py --work /tmp/stub500 [--datasets 500] [--profile test] [--executor-cpus 8]
+
+--executor-cpus sets the local executor's slots (default: the machine's cores); stub tasks only
+touch files, so more slots than cores measures the graph rather than the core count.
 """
 
 from __future__ import annotations
@@ -26,18 +29,23 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--datasets", type=int, default=500)
     ap.add_argument("--profile", default="test")
+    ap.add_argument("--executor-cpus", type=int, default=None)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     sheet, models = many_inputs(a.work, a.datasets)
     out = a.work / "out"
+    extra = []
+    if a.executor_cpus:
+        (a.work / "executor.config").write_text(f"executor {{\n    cpus = {a.executor_cpus}\n}}\n")
+        extra = ["-c", str(a.work / "executor.config")]
     t0 = time.time()
-    r = run_pipeline(a.work, "-stub-run", "--input", str(sheet), "--model_dir", str(models), "--outdir", str(out),
-                     "--trace_report_suffix", "stub", profile=a.profile, timeout=6 * 3600)
+    r = run_pipeline(a.work, *extra, "-stub-run", "--input", str(sheet), "--model_dir", str(models), "--outdir",
+                     str(out), "--trace_report_suffix", "stub", profile=a.profile, timeout=6 * 3600)
     wall = time.time() - t0
     if r.returncode != 0:
         sys.exit(f"nextflow failed ({r.returncode}):\n{r.stdout[-3000:]}")
     rows = read_trace(out, "stub")
-    res = {"datasets": a.datasets, "wall_s": round(wall, 1), "tasks": len(rows),
+    res = {"datasets": a.datasets, "executor_cpus": a.executor_cpus, "wall_s": round(wall, 1), "tasks": len(rows),
            "per_task_s": round(wall / len(rows), 3), "counts": dict(Counter(simple_name(x) for x in rows)),
            "statuses": dict(Counter(x["status"] for x in rows))}
     print(json.dumps(res, indent=1))
