@@ -8,7 +8,9 @@
       dataset + vocab -> VALIDATE (per dataset, cheap; every heavy task waits for all of them)
       vocab + checkpoint -> PREPARE_SPECIES (per species and checkpoint, shared by its datasets)
       dataset + vocab -> PREPROCESS -> INDEX -> SENTENCES -> shard files
-      shard + species file -> EMBED (one task per shard) -> MERGE (per dataset) -> REPORT (all)
+      shard + species file -> EMBED (one task per shard) -> MERGE (per dataset)
+      all MERGE outputs (samplesheet order) -> ATLAS (>= 2 datasets, --atlas)
+      MERGE summaries + ATLAS maps -> REPORT; REPORT + ATLAS + versions -> MULTIQC
 
     Only deterministic values reach the processes (no timestamps, no arrival order), so
     -resume reuses every finished task.
@@ -25,6 +27,8 @@ include { SENTENCES              } from '../modules/local/sentences'
 include { EMBED                  } from '../modules/local/embed'
 include { MERGE                  } from '../modules/local/merge'
 include { REPORT                 } from '../modules/local/report'
+include { ATLAS                  } from '../modules/local/atlas'
+include { MULTIQC                } from '../modules/local/multiqc'
 include { asBool                 } from '../subworkflows/local/utils_params'
 include { softwareVersionsToYAML; workflowVersionToYAML } from '../subworkflows/local/utils_uce_pipeline'
 
@@ -187,23 +191,75 @@ workflow UCE {
     MERGE(ch_merge_in)
     ch_versions = ch_versions.mix(MERGE.out.versions.first())
 
-    ch_report_in = MERGE.out.adata
-        .map { meta, adata -> adata }
+    //
+    // ATLAS over every dataset, in samplesheet order (stable task hash), when there are >= 2.
+    //
+    ch_order = ch_samplesheet.map { meta, h5ad -> meta.id }.toList().map { ids -> [order: ids] }
+    ch_atlas_files = channel.value([])
+    if (asBool(params.atlas)) {
+        ch_atlas_in = MERGE.out.adata
+            .toList()
+            .map { rows -> [rows: rows] }
+            .combine(ch_order)
+            .filter { merged, sheet -> merged.rows.size() >= 2 }
+            .map { merged, sheet ->
+                def rows = merged.rows.sort(false) { r -> sheet.order.indexOf(r[0].id) }
+                [[id: 'atlas'], rows.collect { r -> r[0].id }, rows.collect { r -> r[0].species }, rows.collect { r -> r[1] }]
+            }
+        ATLAS(ch_atlas_in)
+        ch_versions = ch_versions.mix(ATLAS.out.versions)
+        // REPORT needs the maps and numbers, not the atlas h5ad
+        ch_atlas_files = ATLAS.out.summary
+            .join(ATLAS.out.mqc)
+            .map { meta, summary, mqc -> ([summary] + (mqc instanceof List ? mqc : [mqc])).sort { f -> f.name } }
+            .ifEmpty([])
+            .first()
+    }
+
+    //
+    // REPORT over the small per-sample summaries of MERGE (not the final h5ads), plus the atlas.
+    //
+    ch_report_in = MERGE.out.summary
+        .flatMap { meta, files -> files }
         .collect(sort: { a, b -> a.name <=> b.name })
         .map { files -> [[id: 'report'], files] }
+        .combine(ch_atlas_files.map { files -> [atlas: files] })
+        .map { meta, files, atlas -> [meta, files, atlas.atlas] }
     REPORT(ch_report_in)
     ch_versions = ch_versions.mix(REPORT.out.versions)
 
     //
-    // pipeline_info/software_versions.yml
+    // pipeline_info/software_versions.yml (also MultiQC's software versions section)
     //
-    softwareVersionsToYAML(ch_versions)
+    ch_collated_versions = softwareVersionsToYAML(ch_versions)
         .mix(channel.of(workflowVersionToYAML()))
         .collectFile(storeDir: "${params.outdir}/pipeline_info", name: 'software_versions.yml', sort: true, newLine: true)
+
+    //
+    // MULTIQC: our custom content (REPORT's table, ATLAS's maps and metrics) + software versions
+    //
+    ch_multiqc_report = channel.empty()
+    if (!asBool(params.skip_multiqc)) {
+        ch_multiqc_files = REPORT.out.mqc
+            .map { meta, f -> f }
+            .mix(ch_atlas_files.flatMap { files -> files.findAll { f -> f.name.contains('_mqc.') } })
+            .collect(sort: { a, b -> a.name <=> b.name })
+        ch_multiqc_config = channel.value(file("${projectDir}/assets/multiqc_config.yml", checkIfExists: true))
+        ch_multiqc_extra = channel.value(optionalFile(params.multiqc_config))
+        ch_multiqc_in = ch_multiqc_files
+            .map { files -> [files: files] }
+            .combine(ch_collated_versions)
+            .combine(ch_multiqc_config)
+            .combine(ch_multiqc_extra.map { f -> [extra: f] })
+            .map { files, versions, config, extra -> [[id: 'multiqc'], files.files, versions, config, extra.extra] }
+        MULTIQC(ch_multiqc_in)
+        ch_multiqc_report = MULTIQC.out.report
+    }
 
     emit:
     adata    = MERGE.out.adata        // channel: [ meta, <sample>_uce_adata.h5ad ]
     report   = REPORT.out.report      // channel: [ meta, report/ ]
+    multiqc  = ch_multiqc_report      // channel: [ meta, multiqc_report.html ]
     versions = ch_versions            // channel: versions.yml files
 }
 

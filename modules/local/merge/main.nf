@@ -16,6 +16,8 @@ process MERGE {
     output:
     tuple val(meta), path("*_uce{_adata,}.h5ad"), emit: adata
     tuple val(meta), path("*_uce.parquet")      , emit: parquet, optional: true
+    // small summary for REPORT: numbers + the map's sampled cells (PCs, obs values), KB-MB
+    tuple val(meta), path("*.summary.{json,npz}"), emit: summary
     path 'versions.yml'                         , emit: versions
 
     script:
@@ -49,6 +51,8 @@ process MERGE {
     """
     touch ${prefix}${embeddings_only ? '_uce.h5ad' : '_uce_adata.h5ad'}
     ${embeddings_only ? "touch ${prefix}_uce.parquet" : ''}
+    echo '{}' > ${prefix}.summary.json
+    touch ${prefix}.summary.npz
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":

@@ -1,24 +1,31 @@
 // One HTML report over all datasets (report/uce_report.html: cell/gene counts, filter
-// statistics, embedding checks, 2-D maps coloured by --color_by), plus MultiQC custom
-// content (uce_mqc.json) and a JSON summary.
+// statistics, embedding checks, 2-D maps coloured by --color_by, and the atlas section when
+// ATLAS ran), plus MultiQC custom content (uce_mqc.json) and a JSON summary. It reads the small
+// per-sample summaries MERGE writes (<id>.summary.json + .npz), never the final h5ads, so a run
+// of hundreds of datasets stages megabytes here, not the embeddings.
 process REPORT {
     tag "${meta.id}"
     label 'process_single'
     // container: process.container (nextflow.config), from params.container_registry/container_image
 
     input:
-    tuple val(meta), path(adatas, stageAs: 'adata/*')
+    // summaries: <id>.summary.json and <id>.summary.npz of every dataset, sorted by name
+    // atlas: ATLAS's atlas_summary.json and *_mqc.png/tsv, or [] (no atlas)
+    tuple val(meta), path(summaries, stageAs: 'summaries/*'), path(atlas, stageAs: 'atlas/*')
 
     output:
-    tuple val(meta), path('report'), emit: report
-    path 'versions.yml'            , emit: versions
+    tuple val(meta), path('report')                 , emit: report
+    tuple val(meta), path('report/uce_mqc.json')    , emit: mqc
+    path 'versions.yml'                             , emit: versions
 
     script:
     def args  = task.ext.args ?: ''
-    def files = (adatas instanceof List ? adatas : [adatas]).collect { a -> "--adata ${a}" }.join(' ')
+    def files = (summaries instanceof List ? summaries : [summaries]).findAll { f -> f.name.endsWith('.summary.json') }.collect { f -> "--summary ${f}" }.join(' ')
+    def atlas_dir = atlas ? '--atlas-dir atlas' : ''
     """
     uce-report \\
         ${files} \\
+        ${atlas_dir} \\
         ${args} \\
         --output-dir report
 

@@ -232,6 +232,21 @@ def paramErrors(schema_path, values, command_line) {
     return errors
 }
 
+// --reference_samples must name samples of the samplesheet (sample ids in samplesheet order):
+// one line naming the unknown ids and the known ones; null when all are known (or unset).
+def referenceSampleError(reference_samples, sample_ids) {
+    if (isBlank(reference_samples)) {
+        return null
+    }
+    def wanted = reference_samples.toString().tokenize(',').collect { r -> r.trim() }.findAll { r -> r }
+    def unknown = wanted.findAll { r -> !(r in sample_ids) }
+    if (!unknown) {
+        return null
+    }
+    def known = sample_ids.size() > 10 ? sample_ids.take(10).join(', ') + ", ... (${sample_ids.size()} samples)" : sample_ids.join(', ')
+    return "--reference_samples: ${unknown.collect { r -> "'${r}'" }.join(', ')} not in the samplesheet's sample column (${known}); pass sample ids from the samplesheet, comma-separated"
+}
+
 // Fails with every invalid param, one line each (the harness of tests/nextflow calls this).
 def validateParameters(schema_path, values) {
     def errors = paramErrors(schema_path, values, workflow.commandLine)

@@ -5,7 +5,7 @@
 ========================================================================================
 */
 
-include { paramErrors; schemaParams; asBool } from '../utils_params'
+include { paramErrors; schemaParams; asBool; referenceSampleError } from '../utils_params'
 include { parseSamplesheet                    } from '../utils_samplesheet'
 
 workflow PIPELINE_INITIALISATION {
@@ -32,6 +32,13 @@ workflow PIPELINE_INITIALISATION {
     } catch (Exception e) {
         removeLaunchFiles(outdir)
         throw e
+    }
+    // Params that name samples are checked against the samplesheet once it is read
+    def sample_ids = rows.collect { r -> r[0].id }
+    def ref_error = referenceSampleError(params.reference_samples, sample_ids)
+    if (ref_error && asBool(params.validate_params)) {
+        removeLaunchFiles(outdir)
+        error("Invalid parameter: ${ref_error}")
     }
     checkPreviousRun(outdir, rows)
     dumpParametersToJSON(outdir)
@@ -135,8 +142,10 @@ def checkPreviousRun(outdir, rows) {
             replaced << "${id}/intermediates/"
         }
     }
-    if (out.resolve('report').exists()) {
-        replaced << 'report/'
+    ['report', 'atlas', 'multiqc'].each { d ->
+        if (out.resolve(d).exists()) {
+            replaced << "${d}/".toString()
+        }
     }
     if (!old_params && !replaced) {
         return
@@ -167,7 +176,7 @@ def checkPreviousRun(outdir, rows) {
     }
     // Earlier results that this run does not rewrite (other samples, intermediates)
     def ids = rows.collect { r -> r[0].id }
-    def kept = out.listFiles().findAll { f -> !(f.name in ['pipeline_info', 'report', 'model_files']) && !(f.name in ids) }.collect { f -> f.isDirectory() ? "${f.name}/" : f.name }
+    def kept = out.listFiles().findAll { f -> !(f.name in ['pipeline_info', 'report', 'atlas', 'multiqc', 'model_files']) && !(f.name in ids) }.collect { f -> f.isDirectory() ? "${f.name}/" : f.name }
     if (!asBool(params.save_intermediates)) {
         kept += ids.findAll { id -> out.resolve("${id}/intermediates").exists() }.collect { id -> "${id}/intermediates/" }
     }
