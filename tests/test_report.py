@@ -227,3 +227,135 @@ def test_minimal_inputs(tmp_path):
     html = (out / "uce_report.html").read_text()
     assert "no uns[&#x27;uce&#x27;] provenance" in html and "not unit norm" in text_of(html, "qc-nan")
     assert html.count("data:image/png;base64,") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline's route: MERGE's small per-sample summaries instead of the final h5ads (issue 12)
+# ---------------------------------------------------------------------------------------------
+def without_generated(text: str) -> str:
+    """The report minus its own timestamp (the only thing two builds may differ in)."""
+    text = re.sub(r"report generated \d{4}-\d\d-\d\d \d\d:\d\d UTC", "", text)
+    return re.sub(r'"generated": "[^"]+"', "", text)
+
+
+@pytest.mark.parametrize("color_by", [(), ("louvain", "n_genes", "is_b", "nope")])
+def test_summaries_give_the_same_report(outputs, tmp_path, color_by):
+    """`uce merge --summary` files -> the same page, numbers, maps and MultiQC table as the h5ads,
+    without the h5ads: they are moved away before the report is built from the summaries."""
+    from uce_nf.report import build_report
+    from uce_nf.report_summary import write_summary
+    src = tmp_path / "src"
+    src.mkdir()
+    ins, sums = [], []
+    for name in ("healthy", "collapsed"):
+        p = src / outputs[name].name
+        a = ad.read_h5ad(outputs[name])
+        if name == "healthy":  # a bool column too, with the categorical, numeric and string ones
+            a.obs["is_b"] = (a.obs["cell_type"] == "B cell").to_numpy()
+        a.write_h5ad(p)
+        ins.append(p)
+        sums.append(write_summary(p, tmp_path / "sum" / f"{name}.summary.json"))
+    direct = build_report(ins, tmp_path / "direct", color_by=color_by)
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    via = build_report([], tmp_path / "via", summaries=sums, color_by=color_by)
+    assert without_generated(json.dumps(via)) == without_generated(json.dumps(direct))
+    for f in ("uce_report.html", "uce_mqc.json", "uce_summary.json"):
+        assert without_generated((tmp_path / "via" / f).read_text()) == \
+            without_generated((tmp_path / "direct" / f).read_text()), f
+    if color_by:
+        assert via["samples"]["healthy"]["map"]["color_by"] == ["louvain", "n_genes", "is_b"]
+    # small: the map's PCs (<= 50 per cell) and obs values, not the 64-dim embeddings and counts
+    npz = tmp_path / "sum" / "healthy.summary.npz"
+    with np.load(npz) as z:
+        assert z["pcs"].shape == (600, 50) and z["pcs"].dtype == np.float32
+    assert npz.stat().st_size < (moved / "healthy_uce_adata.h5ad").stat().st_size
+
+
+def test_summary_errors(outputs, tmp_path):
+    from uce_nf.report_summary import write_summary
+    bad = tmp_path / "x.summary.json"
+    bad.write_text('{"format": "something else"}')
+    res = CliRunner().invoke(main, ["report", "--summary", str(bad), "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not a report summary" in res.output and "re-run its MERGE task" in res.output
+    ok = write_summary(outputs["healthy"], tmp_path / "h.summary.json")
+    (tmp_path / "h.summary.npz").unlink()
+    res = CliRunner().invoke(main, ["report", "--summary", str(ok), "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "h.summary.npz is missing" in res.output
+    res = CliRunner().invoke(main, ["report", "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "nothing to report" in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# The atlas section (--atlas-dir: the output folder of `uce atlas`)
+# ---------------------------------------------------------------------------------------------
+def png(color: str) -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(2, 2), dpi=50)
+    ax.scatter([0, 1, 2], [1, 0, 2], c=color)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_atlas_dir(d: Path, *, label_transfer: bool = True) -> Path:
+    """An output folder in the shape `uce atlas` writes (atlas_summary.json + PNGs)."""
+    d.mkdir(parents=True)
+    summ = {"n_cells": 900, "samples": {"healthy": {"species": "human", "n_cells": 600},
+                                        "collapsed": {"species": "mouse", "n_cells": 300}},
+            "metrics": {"label_silhouette": 0.61234, "batch_asw": 0.8766, "ilisi": 1.42, "knn_label_consistency": 0.9},
+            "metrics_seconds": 3.25, "umap": {"cells_fitted": 900, "projected": 0}, "timings": {"umap": 4.0}}
+    if label_transfer:
+        summ["label_transfer"] = {
+            "reference_samples": ["healthy"], "k": 15, "holdout_accuracy": 0.9526,
+            "queries": {"collapsed": {"n": 300, "accuracy": 0.8133,
+                                      "confusion": {"labels": ["B cell", "T cell"], "matrix": [[120, 30], [26, 124]]}}}}
+    (d / "atlas_summary.json").write_text(json.dumps(summ))
+    for i, kind in enumerate(("sample", "species", "label", "leiden")):
+        (d / f"atlas_umap_{kind}_mqc.png").write_bytes(png(f"C{i}"))
+    if label_transfer:
+        (d / "atlas_confusion_mqc.png").write_bytes(png("C5"))
+    return d
+
+
+def test_atlas_section(outputs, tmp_path):
+    atlas = write_atlas_dir(tmp_path / "atlas")
+    out = tmp_path / "r"
+    res = CliRunner().invoke(main, ["report", "--adata", str(outputs["healthy"]), "--adata", str(outputs["collapsed"]),
+                                    "--atlas-dir", str(atlas), "--output-dir", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    html = (out / "uce_report.html").read_text()
+    assert '<h2 id="atlas">Atlas</h2>' in html
+    assert text_of(html, "atlas-sample-collapsed").split() == ["collapsed", "mouse", "300"]
+    maps = re.findall(r'<img alt="atlas UMAP (by [a-zA-Z ]+)" src="data:image/png;base64,', html)
+    assert maps == ["by sample", "by species", "by label", "by Leiden cluster"]
+    assert text_of(html, "atlas-metric-label_silhouette").split() == ["label_silhouette", "0.612"]
+    assert text_of(html, "atlas-metric-batch_asw").split() == ["batch_asw", "0.877"]
+    assert "computed in 3.2 s" in html
+    assert text_of(html, "atlas-holdout").split()[-1] == "95.3%"
+    assert text_of(html, "atlas-query-collapsed").split() == ["collapsed", "300", "81.3%"]
+    conf = re.search(r'<table class="confusion" id="atlas-confusion-collapsed">(.*?)</table>', html, re.DOTALL).group(1)
+    assert [" ".join(re.sub(r"<[^>]+>", " ", r).split()) for r in re.findall(r"<tr>(.*?)</tr>", conf)][1:] == \
+        ["B cell 120 30", "T cell 26 124"]
+    assert 'alt="label transfer confusion matrix"' in html
+    # still self-contained, and the summary carries the atlas numbers
+    assert "<script" not in html.lower() and not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', html)
+    assert json.loads((out / "uce_summary.json").read_text())["atlas"]["label_transfer"]["holdout_accuracy"] == 0.9526
+
+
+def test_atlas_section_without_label_transfer(outputs, tmp_path):
+    from uce_nf.report import build_report
+    atlas = write_atlas_dir(tmp_path / "atlas", label_transfer=False)
+    (atlas / "atlas_umap_label_mqc.png").write_bytes(b"")  # a stub run's empty file: not shown
+    build_report([outputs["healthy"]], tmp_path / "r", atlas_dir=atlas)
+    html = (tmp_path / "r" / "uce_report.html").read_text()
+    assert "No label transfer: pass <code>--reference_samples</code>" in html
+    assert len(re.findall(r'<img alt="atlas UMAP', html)) == 3
+    res = CliRunner().invoke(main, ["report", "--adata", str(outputs["healthy"]), "--atlas-dir", str(tmp_path),
+                                    "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "atlas_summary.json: not a readable atlas summary" in res.output

@@ -270,8 +270,12 @@ def output_mode_option(fn):
               help="The h5ad PREPROCESS read (read only, its obs alone); needed by --output-mode embeddings.")
 @click.option("--output", type=PathOut, required=True,
               help="Result h5ad (<name>_uce_adata.h5ad; <name>_uce.h5ad in embeddings mode, .parquet beside it).")
+@click.option("--summary", type=PathOut, default=None,
+              help="Also write the small summary `uce report --summary` reads (<name>.summary.json + .npz): "
+                   "embedding QC numbers and the report map's sampled cells, so REPORT need not stage the h5ad.")
 @handle_errors
-def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, output_mode, input_, output):
+def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, output_mode, input_, output,
+              summary=None):
     """Write the result: obsm['X_uce'] streamed shard by shard, obs['uce_input_row'/'uce_input_name'], uns['uce']."""
     import json
     from .io import UserError
@@ -285,6 +289,10 @@ def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, 
     res = write_merged(adata, shards, prov, output, mode=output_mode, input_h5ad=input_,
                        renamed=int(st.get("duplicate_obs_names", 0)) > 0, expect_cells=st.get("cells_kept"))
     log.info("wrote %s (%d cells, %d embedded)", ", ".join(map(str, res["files"])), res["cells"], res["embedded"])
+    if summary is not None:
+        from .report_summary import write_summary
+        write_summary(Path(output), Path(summary))  # the report's defaults: seed 0, 20,000 map cells
+        log.info("wrote %s (+ .npz)", summary)
 
 
 def provenance(sf: dict, st: dict, seed, compat, batch_size, shards, output_mode: str = "full") -> dict:

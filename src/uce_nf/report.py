@@ -2,7 +2,9 @@
 content and a machine-readable summary.
 
 Reads each ``<sample>_uce_adata.h5ad`` with h5py only: ``obsm['X_uce']`` in row chunks (never the
-counts matrix), the obs columns it needs, and the provenance in ``uns['uce']``. Writes into
+counts matrix), the obs columns it needs, and the provenance in ``uns['uce']``; or, in the pipeline,
+the small summary MERGE wrote of it (report_summary.py), which holds the same numbers. With
+``--atlas-dir`` it adds the atlas section (report_atlas.py). Writes into
 ``--output-dir`` (each file atomically):
 
 ``uce_report.html``   header (pipeline version, run date), per-sample tables of cells and genes
@@ -82,6 +84,7 @@ class Sample:
     prov: dict
     qc: dict
     obs_kinds: dict
+    mtime: float = 0.0  # the h5ad's modification time (the run date in the report)
     map_: dict = field(default_factory=dict)
     png: bytes | None = None
     trace: dict = field(default_factory=dict)
@@ -155,15 +158,6 @@ def default_color_column(kinds: dict[str, str]) -> str | None:
     return None
 
 
-def read_obs_column(f: h5py.File, col: str, rows: np.ndarray) -> pd.Series:
-    v = read_elem(f["obs"][col])
-    if isinstance(v, (pd.Categorical, pd.Series, pd.Index)):
-        s = pd.Series(v)
-    else:
-        s = pd.Series(np.asarray(v))
-    return s.iloc[rows].reset_index(drop=True)
-
-
 def scan_embedding(ds: h5py.Dataset, rows: np.ndarray) -> tuple[dict, np.ndarray]:
     """One chunked pass over X_uce: norm statistics over every cell, and the rows `rows` (sorted)."""
     n, d = ds.shape
@@ -203,65 +197,72 @@ def mean_pairwise_cosine(x: np.ndarray) -> float | None:
     return float((s @ s - (y * y).sum()) / (m * (m - 1)))
 
 
-def read_sample(path: Path, *, seed: int, map_cells: int, threshold: float,
-                color_by: tuple[str, ...]) -> tuple[Sample, np.ndarray, list[tuple[str, pd.Series | None]]]:
+def scan_sample(f: h5py.File, path: Path, *, seed: int, map_cells: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The numbers of one final h5ad (opened as `f`) that do not depend on report options, the
+    embeddings of the seeded map sample, and its (sorted) rows."""
+    if "obsm" not in f or "X_uce" not in f["obsm"]:
+        raise UserError(f"{path}: no obsm['X_uce']; pass the final <sample>{SUFFIX} written by `uce merge`")
+    ds = f["obsm"]["X_uce"]
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 2:
+        raise UserError(f"{path}: obsm['X_uce'] is not a dense 2-D matrix; re-run `uce merge`")
+    n, d = (int(s) for s in ds.shape)
+    if n == 0:
+        raise UserError(f"{path}: obsm['X_uce'] has no cells")
     name = sample_name(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise UserError(f"{path}: not a readable h5ad file ({str(e).splitlines()[0]}); "
-                        f"pass the final <sample>{SUFFIX} written by `uce merge`") from None
-    with f:
-        if "obsm" not in f or "X_uce" not in f["obsm"]:
-            raise UserError(f"{path}: no obsm['X_uce']; pass the final <sample>{SUFFIX} written by `uce merge`")
-        ds = f["obsm"]["X_uce"]
-        if not isinstance(ds, h5py.Dataset) or ds.ndim != 2:
-            raise UserError(f"{path}: obsm['X_uce'] is not a dense 2-D matrix; re-run `uce merge`")
-        n, d = (int(s) for s in ds.shape)
-        if n == 0:
-            raise UserError(f"{path}: obsm['X_uce'] has no cells")
-        prov = {}
-        if "uns" in f and "uce" in f["uns"]:
-            prov = _plain(read_elem(f["uns"]["uce"]))
-        kinds = obs_kinds(f)
+    prov = {}
+    if "uns" in f and "uce" in f["uns"]:
+        prov = _plain(read_elem(f["uns"]["uce"]))
 
-        # Embeddings mode keeps the cells the filters dropped as NaN rows (obs['uce_embedded'] False):
-        # they are neither sampled nor counted as broken embeddings.
-        embedded = (np.asarray(read_elem(f["obs"]["uce_embedded"]), dtype=bool) if "uce_embedded" in f["obs"]
-                    else np.ones(n, dtype=bool))
-        # Nested seeded samples: the cosine cells are the first of the map cells (or the reverse).
-        perm = np.flatnonzero(embedded)[np.random.default_rng(seed).permutation(int(embedded.sum()))]
-        rows = np.sort(perm[:min(n, max(map_cells, COSINE_CELLS))])
-        map_rows = np.sort(perm[:min(n, map_cells)])
-        cos_rows = np.sort(perm[:min(n, COSINE_CELLS)])
-        log.info("%s: %d cells x %d dims; scanning embedding norms", name, n, d)
-        qc, gathered = scan_embedding(ds, rows)
-        qc["non_finite_cells"] -= int((~embedded).sum())  # NaN by design, see above
-        picked = gathered if len(map_rows) == len(rows) else gathered[np.searchsorted(rows, map_rows)]
-        qc["mean_cosine"] = mean_pairwise_cosine(gathered[np.searchsorted(rows, cos_rows)])
-        qc["cosine_cells"] = len(cos_rows)
-        qc["unit_norm"] = qc["non_finite_cells"] == 0 and qc["off_unit_cells"] == 0
-        qc["collapsed"] = qc["mean_cosine"] is not None and qc["mean_cosine"] > threshold
+    # Embeddings mode keeps the cells the filters dropped as NaN rows (obs['uce_embedded'] False):
+    # they are neither sampled nor counted as broken embeddings.
+    embedded = (np.asarray(read_elem(f["obs"]["uce_embedded"]), dtype=bool) if "uce_embedded" in f["obs"]
+                else np.ones(n, dtype=bool))
+    # Nested seeded samples: the cosine cells are the first of the map cells (or the reverse).
+    perm = np.flatnonzero(embedded)[np.random.default_rng(seed).permutation(int(embedded.sum()))]
+    rows = np.sort(perm[:min(n, max(map_cells, COSINE_CELLS))])
+    map_rows = np.sort(perm[:min(n, map_cells)])
+    cos_rows = np.sort(perm[:min(n, COSINE_CELLS)])
+    log.info("%s: %d cells x %d dims; scanning embedding norms", name, n, d)
+    qc, gathered = scan_embedding(ds, rows)
+    qc["non_finite_cells"] -= int((~embedded).sum())  # NaN by design, see above
+    picked = gathered if len(map_rows) == len(rows) else gathered[np.searchsorted(rows, map_rows)]
+    qc["mean_cosine"] = mean_pairwise_cosine(gathered[np.searchsorted(rows, cos_rows)])
+    qc["cosine_cells"] = len(cos_rows)
+    qc["unit_norm"] = qc["non_finite_cells"] == 0 and qc["off_unit_cells"] == 0
+    info = {"name": name, "file": Path(path).name, "mtime": Path(path).stat().st_mtime, "n_cells": n, "dim": d,
+            "provenance": prov, "qc": qc, "map_cells": len(map_rows)}
+    return _plain(info), picked, map_rows
 
-        s = Sample(name, path, n, d, prov, qc, kinds)
-        if not prov:
-            s.warnings.append("no uns['uce'] provenance: settings and cell/gene counts unknown")
-        if qc["collapsed"]:
-            s.warnings.append(f"possible collapse: mean pairwise cosine {qc['mean_cosine']:.3f} > {threshold:g} "
-                              "(cells look alike to the model)")
-        if qc["non_finite_cells"]:
-            s.warnings.append(f"{qc['non_finite_cells']} cells have NaN/inf embeddings")
-        if qc["off_unit_cells"]:
-            s.warnings.append(f"{qc['off_unit_cells']} cells are not unit norm (|norm - 1| > {NORM_TOLERANCE:g})")
 
-        cols = [c for c in color_by if c in kinds] if color_by else [c for c in [default_color_column(kinds)] if c]
-        missing = [c for c in color_by if c not in kinds]
-        if missing:
-            s.warnings.append(f"--color-by column(s) not in obs: {', '.join(missing)}")
-        colors = [(c, read_obs_column(f, c, map_rows)) for c in cols] or [("", None)]
-        s.map_ = {"cells": len(map_rows), "color_by": cols, "missing_color_by": missing,
-                  "color_by_auto": not color_by}
-    return s, picked, colors
+def sample_from(info: dict, columns: dict[str, pd.Series], *, threshold: float,
+                color_by: tuple[str, ...]) -> tuple[Sample, list[tuple[str, pd.Series | None]]]:
+    """A report Sample from scan_sample's numbers (or a summary's), with the report's options
+    applied: the collapse threshold and the colour columns."""
+    qc = dict(info["qc"])
+    qc["collapsed"] = qc["mean_cosine"] is not None and qc["mean_cosine"] > threshold
+    prov, kinds = info["provenance"], info["obs_kinds"]
+    s = Sample(info["name"], Path(info["file"]), info["n_cells"], info["dim"], prov, qc, kinds, mtime=info["mtime"])
+    if not prov:
+        s.warnings.append("no uns['uce'] provenance: settings and cell/gene counts unknown")
+    if qc["collapsed"]:
+        s.warnings.append(f"possible collapse: mean pairwise cosine {qc['mean_cosine']:.3f} > {threshold:g} "
+                          "(cells look alike to the model)")
+    if qc["non_finite_cells"]:
+        s.warnings.append(f"{qc['non_finite_cells']} cells have NaN/inf embeddings")
+    if qc["off_unit_cells"]:
+        s.warnings.append(f"{qc['off_unit_cells']} cells are not unit norm (|norm - 1| > {NORM_TOLERANCE:g})")
+
+    cols = [c for c in color_by if c in kinds] if color_by else [c for c in [default_color_column(kinds)] if c]
+    missing = [c for c in color_by if c not in kinds]
+    if missing:
+        s.warnings.append(f"--color-by column(s) not in obs: {', '.join(missing)}")
+    unreadable = [c for c in cols if c not in columns]
+    if unreadable:
+        s.warnings.append(f"--color-by column(s) of an unsupported obs type: {', '.join(unreadable)}")
+    colors = [(c, columns[c]) for c in cols if c in columns] or [("", None)]
+    s.map_ = {"cells": info["map_cells"], "color_by": [c for c in cols if c in columns], "missing_color_by": missing,
+              "color_by_auto": not color_by}
+    return s, colors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,22 +293,32 @@ def _write_text(path: Path, text: str) -> None:
 # Command
 # ---------------------------------------------------------------------------------------------
 
-def build_report(adatas: list[Path], output_dir: Path, *, color_by: tuple[str, ...] = (),
-                 collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD, trace_path: Path | None = None,
-                 map_method: str = "pca", seed: int = 0, map_cells: int = MAP_CELLS) -> dict:
+def build_report(adatas: list[Path], output_dir: Path, *, summaries: list[Path] = (), atlas_dir: Path | None = None,
+                 color_by: tuple[str, ...] = (), collapse_threshold: float = DEFAULT_COLLAPSE_THRESHOLD,
+                 trace_path: Path | None = None, map_method: str = "pca", seed: int = 0,
+                 map_cells: int = MAP_CELLS) -> dict:
+    """The report over final h5ads (`adatas`, summarised here) and/or MERGE's summaries (the
+    pipeline's route: <id>.summary.json with its .npz), plus the atlas section when `atlas_dir`
+    (ATLAS's output folder) is given."""
+    from .report_atlas import read_atlas
     from .report_html import multiqc_content, render_html  # they import this module
     from .report_map import plot_map, project
-    names = [sample_name(Path(p)) for p in adatas]
+    from .report_summary import read_summary, summarise
+    if not adatas and not summaries:
+        raise UserError("nothing to report: pass --adata <sample>_uce_adata.h5ad or --summary <sample>.summary.json")
+    atlas = read_atlas(Path(atlas_dir)) if atlas_dir else None
+    tasks = read_trace(trace_path) if trace_path else None
+    loaded = [summarise(Path(p), seed=seed, map_cells=map_cells) for p in adatas]
+    loaded += [read_summary(Path(p)) for p in summaries]
+    names = [info["name"] for info, *_ in loaded]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"sample name(s) {', '.join(dup)} given more than once (name = file name minus {SUFFIX}); "
                         "pass each sample's file once")
-    tasks = read_trace(trace_path) if trace_path else None
     samples = []
-    for path in adatas:
-        s, picked, colors = read_sample(Path(path), seed=seed, map_cells=map_cells, threshold=collapse_threshold,
-                                        color_by=tuple(color_by))
-        y, labels, used = project(picked, map_method, seed, s.name)
+    for info, pcs, ratio, columns in loaded:
+        s, colors = sample_from(info, columns, threshold=collapse_threshold, color_by=tuple(color_by))
+        y, labels, used = project(pcs, ratio, map_method, seed, s.name)
         s.map_["method"] = used
         s.png = plot_map(s, y, labels, colors, seed)
         if tasks is not None:
@@ -320,17 +331,25 @@ def build_report(adatas: list[Path], output_dir: Path, *, color_by: tuple[str, .
     output_dir.mkdir(parents=True, exist_ok=True)
     summ = summary(samples, threshold=collapse_threshold, map_method=map_method, seed=seed, trace=trace,
                    generated=generated)
+    if atlas is not None:
+        summ["atlas"] = atlas.summary
     _write_text(output_dir / "uce_summary.json", json.dumps(_plain(summ), indent=2) + "\n")
     _write_text(output_dir / "uce_mqc.json", json.dumps(_plain(multiqc_content(samples, collapse_threshold)), indent=2) + "\n")
     _write_text(output_dir / "uce_report.html", render_html(samples, threshold=collapse_threshold, map_method=map_method,
-                                                           trace=trace, trace_path=trace_path, generated=generated))
+                                                           trace=trace, trace_path=trace_path, generated=generated,
+                                                           atlas=atlas))
     log.info("wrote uce_report.html, uce_mqc.json and uce_summary.json to %s", output_dir)
     return summ
 
 
 @click.command("report", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--adata", "adatas", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
-              required=True, help=f"Final <sample>{SUFFIX} (repeat for each sample).")
+              help=f"Final <sample>{SUFFIX} (repeat for each sample).")
+@click.option("--summary", "summaries", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
+              help="<sample>.summary.json written by `uce merge --summary` (its .npz beside it), instead of the h5ad "
+                   "(repeat for each sample; the pipeline's route).")
+@click.option("--atlas-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Output folder of `uce atlas` (atlas_summary.json and maps): adds the atlas section.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for uce_report.html, uce_mqc.json and uce_summary.json.")
 @click.option("--color-by", multiple=True,
@@ -345,7 +364,9 @@ def build_report(adatas: list[Path], output_dir: Path, *, color_by: tuple[str, .
 @click.option("--max-map-cells", type=click.IntRange(2), default=MAP_CELLS, help="Cells sampled for each map.")
 @click.option("--seed", type=int, default=0, help="Seed of the cell samples (cosine, map).")
 @handle_errors
-def report_command(adatas, output_dir, color_by, collapse_threshold, trace_path, map_method, max_map_cells, seed):
+def report_command(adatas, summaries, atlas_dir, output_dir, color_by, collapse_threshold, trace_path, map_method,
+                   max_map_cells, seed):
     """One HTML report over all samples (+ MultiQC custom content and a JSON summary)."""
-    build_report(list(adatas), output_dir, color_by=tuple(color_by), collapse_threshold=collapse_threshold,
+    build_report(list(adatas), output_dir, summaries=list(summaries), atlas_dir=atlas_dir, color_by=tuple(color_by),
+                 collapse_threshold=collapse_threshold,
                  trace_path=trace_path, map_method=map_method, seed=seed, map_cells=max_map_cells)

@@ -117,8 +117,8 @@ def _model(p: dict) -> str:
 
 
 def render_html(samples: list[Sample], *, threshold: float, map_method: str, trace: dict | None,
-                trace_path: Path | None, generated: dt.datetime) -> str:
-    run_dates = [dt.datetime.fromtimestamp(s.path.stat().st_mtime, dt.timezone.utc) for s in samples]
+                trace_path: Path | None, generated: dt.datetime, atlas=None) -> str:
+    run_dates = [dt.datetime.fromtimestamp(s.mtime, dt.timezone.utc) for s in samples]
     versions = sorted({str(s.prov.get("version")) for s in samples if s.prov.get("version")})
     alerts = [(s.name, w) for s in samples for w in s.warnings]
 
@@ -256,6 +256,11 @@ def render_html(samples: list[Sample], *, threshold: float, map_method: str, tra
                        f'src="data:image/png;base64,{base64.b64encode(s.png).decode()}">')
         out.append("</div>")
     out.append("</div>")
+
+    # Atlas over all samples (report_atlas.py)
+    if atlas is not None:
+        from .report_atlas import render_atlas
+        out += render_atlas(atlas)
 
     # Trace
     if trace is not None:

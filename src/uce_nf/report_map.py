@@ -48,13 +48,16 @@ def pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return scores, ratio
 
 
-def project(x: np.ndarray, method: str, seed: int, name: str) -> tuple[np.ndarray, tuple[str, str], str]:
+def project(pcs: np.ndarray, ratio: np.ndarray, method: str, seed: int,
+            name: str) -> tuple[np.ndarray, tuple[str, str], str]:
+    """The 2-D map from the top (up to 50) principal components of the sampled cells and their
+    explained-variance ratios (report_summary.summarise): PCA is the first two, UMAP is fitted on all."""
+    x = pcs
     if method == "umap" and len(x) >= 10:
         try:
             import umap  # scanpy's dependency
             log.info("%s: UMAP of %d cells (slow: numba compilation, ~1 min per 5k cells)", name, len(x))
             import warnings
-            pcs, _ = pca(x, 50)
             with warnings.catch_warnings():  # "n_jobs overridden by setting random_state": seeded on purpose
                 warnings.simplefilter("ignore", UserWarning)
                 y = umap.UMAP(n_neighbors=min(15, len(x) - 1), min_dist=0.5, random_state=seed).fit_transform(pcs)
@@ -62,7 +65,7 @@ def project(x: np.ndarray, method: str, seed: int, name: str) -> tuple[np.ndarra
         except Exception as e:  # noqa: BLE001 - the map is optional; PCA always works
             log.warning("%s: UMAP failed (%s: %s); using PCA", name, type(e).__name__, e)
     log.info("%s: PCA of %d cells", name, len(x))
-    y, ratio = pca(x, 2)
+    y = pcs
     return y[:, :2], (f"PC1 ({100 * ratio[0]:.1f}%)", f"PC2 ({100 * ratio[1]:.1f}%)"), "pca"
 
 
