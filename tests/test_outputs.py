@@ -268,7 +268,7 @@ def test_report_reads_embeddings_mode(emb, full, tmp_path):
 @pytest.mark.nextflow
 @pytest.mark.slow
 def test_pipeline_embeddings_mode(tmp_path_factory):
-    """The demo (-profile test, 3 EMBED tasks) with --output_mode embeddings: every input cell in
+    """The demo (-profile test; pbmc: 3 EMBED tasks) with --output_mode embeddings: every input cell in
     input order, no counts, the Parquet file, the same embeddings as a full-mode `uce run` of the
     same input, and the size against that full output (issue 12's Done criterion)."""
     from nf_utils import assert_ok, ensure_demo, read_trace, run_pipeline, simple_name
@@ -276,7 +276,8 @@ def test_pipeline_embeddings_mode(tmp_path_factory):
     root = tmp_path_factory.mktemp("nf_embeddings")
     r = run_pipeline(root, "--outdir", str(root / "out"), "--output_mode", "embeddings", "--trace_report_suffix", "run")
     assert_ok(r)
-    assert sum(simple_name(x) == "EMBED" for x in read_trace(root / "out", "run")) == 3
+    # the demo samplesheet: pbmc (3 EMBED tasks) and the mouse demo (1)
+    assert sum(simple_name(x) == "EMBED" and x["tag"].startswith("pbmc_demo.") for x in read_trace(root / "out", "run")) == 3
     res = root / "out" / "pbmc_demo"
     e, src = read(res / "pbmc_demo_uce.h5ad"), read(PBMC)
     assert e.n_obs == src.n_obs and list(e.obs_names) == list(src.obs_names)

@@ -312,8 +312,9 @@ def write_atlas_dir(d: Path, *, label_transfer: bool = True) -> Path:
             "metrics_seconds": 3.25, "umap": {"cells_fitted": 900, "projected": 0}, "timings": {"umap": 4.0}}
     if label_transfer:
         summ["label_transfer"] = {
-            "reference_samples": ["healthy"], "k": 15, "holdout_accuracy": 0.9526,
-            "queries": {"collapsed": {"n": 300, "accuracy": 0.8133,
+            "reference_samples": ["healthy"], "k": 15, "label_column": "bulk_labels", "holdout_accuracy": 0.9526,
+            "n_holdout": 120, "queries": {"collapsed": {"n": 300, "accuracy": 0.8133, "mean_confidence": 0.71,
+                                                        "truth_column": "cell_type",
                                       "confusion": {"labels": ["B cell", "T cell"], "matrix": [[120, 30], [26, 124]]}}}}
     (d / "atlas_summary.json").write_text(json.dumps(summ))
     for i, kind in enumerate(("sample", "species", "label", "leiden")):
@@ -337,8 +338,8 @@ def test_atlas_section(outputs, tmp_path):
     assert text_of(html, "atlas-metric-label_silhouette").split() == ["label_silhouette", "0.612"]
     assert text_of(html, "atlas-metric-batch_asw").split() == ["batch_asw", "0.877"]
     assert "computed in 3.2 s" in html
-    assert text_of(html, "atlas-holdout").split()[-1] == "95.3%"
-    assert text_of(html, "atlas-query-collapsed").split() == ["collapsed", "300", "81.3%"]
+    assert text_of(html, "atlas-holdout").split()[-4:] == ["bulk_labels", "120", "95.3%", "–"]
+    assert text_of(html, "atlas-query-collapsed").split() == ["collapsed", "cell_type", "300", "81.3%", "0.710"]
     conf = re.search(r'<table class="confusion" id="atlas-confusion-collapsed">(.*?)</table>', html, re.DOTALL).group(1)
     assert [" ".join(re.sub(r"<[^>]+>", " ", r).split()) for r in re.findall(r"<tr>(.*?)</tr>", conf)][1:] == \
         ["B cell 120 30", "T cell 26 124"]

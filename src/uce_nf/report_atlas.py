@@ -138,6 +138,9 @@ def render_atlas(atlas: Atlas) -> list[str]:
         for k, v in metrics.items():
             out.append(f'<tr id="atlas-metric-{esc(k)}"><td class="l">{esc(k)}</td><td>{_num(v)}</td></tr>')
         out.append("</table></div>")
+        skipped = s.get("metrics_skipped")
+        if isinstance(skipped, dict) and skipped:
+            out.append('<p class="note">Not computed: ' + esc("; ".join(f"{k}: {v}" for k, v in skipped.items())) + "</p>")
     else:
         out.append('<p class="note">No integration metrics (they need a label column: <code>--label_column</code>).</p>')
 
@@ -153,15 +156,20 @@ def render_atlas(atlas: Atlas) -> list[str]:
                + (f" (label column <code>{esc(lt.get('label_column'))}</code>)" if lt.get("label_column") else "")
                + ". Held-out accuracy: on a seeded split of the reference cells. Query accuracy: where a query "
                "sample has the same column, its own labels against the transferred ones.</p>")
-    out.append('<div class="tablewrap"><table><tr><th class="l">Evaluated on</th><th>Cells</th><th>Accuracy</th></tr>')
-    out.append(f'<tr id="atlas-holdout"><td class="l">reference hold-out</td><td>{_num(lt.get("holdout_n"))}</td>'
-               f"<td>{_pct(lt.get('holdout_accuracy'))}</td></tr>")
+    out.append('<div class="tablewrap"><table><tr><th class="l">Evaluated on</th><th class="l">Truth column</th>'
+               "<th>Cells</th><th>Accuracy</th><th>Mean confidence</th></tr>")
+    out.append(f'<tr id="atlas-holdout"><td class="l">reference hold-out</td>'
+               f'<td class="l">{esc(lt.get("label_column") or "–")}</td>'
+               f'<td>{_num(lt.get("n_holdout", lt.get("holdout_n")))}</td>'
+               f"<td>{_pct(lt.get('holdout_accuracy'))}</td><td>–</td></tr>")
     queries = lt.get("queries") if isinstance(lt.get("queries"), dict) else {}
     for q, v in queries.items():
         v = v if isinstance(v, dict) else {}
         acc = v.get("accuracy")
-        out.append(f'<tr id="atlas-query-{esc(q)}"><td class="l">{esc(q)}</td><td>{_num(v.get("n"))}</td>'
-                   f"<td>{_pct(acc) if acc is not None else 'no truth column'}</td></tr>")
+        out.append(f'<tr id="atlas-query-{esc(q)}"><td class="l">{esc(q)}</td>'
+                   f'<td class="l">{esc(v.get("truth_column") or "–")}</td><td>{_num(v.get("n"))}</td>'
+                   f"<td>{_pct(acc) if acc is not None else 'no truth labels'}</td>"
+                   f"<td>{_num(v.get('mean_confidence'))}</td></tr>")
     out.append("</table></div>")
     for q, v in queries.items():
         if isinstance(v, dict) and isinstance(v.get("confusion"), dict):

@@ -28,6 +28,8 @@ process MULTIQC {
         --config ${config} \\
         ${extra} \\
         ${args} \\
+        --cl-config 'data_dir_name: multiqc_data' \\
+        --cl-config 'plots_dir_name: multiqc_plots' \\
         --filename multiqc_report.html \\
         .
 
