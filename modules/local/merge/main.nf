@@ -34,6 +34,7 @@ process MERGE {
         --species-file ${species_file} \\
         ${input} \\
         ${args} \\
+        --summary ${prefix}.summary.json \\
         --output ${prefix}${embeddings_only ? '_uce.h5ad' : '_uce_adata.h5ad'}
 
     cat <<-END_VERSIONS > versions.yml
