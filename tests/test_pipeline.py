@@ -390,7 +390,7 @@ def test_demo_atlas_and_multiqc(compat_run):
 
     mqc = out / "multiqc" / "multiqc_report.html"
     text = mqc.read_text()
-    for s in ("UCE embeddings", "uce_stats", "atlas_umap_sample", "atlas_metrics", "Software Versions", "ATLAS",
+    for s in ("UCE embeddings", "uce_stats", "atlas_umap_sample", "uce_atlas_metrics_table", "Software Versions", "ATLAS",
               "MERGE", "Nextflow"):
         assert s in text, s
     assert (out / "multiqc" / "multiqc_data").is_dir()
