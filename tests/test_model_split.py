@@ -1,5 +1,6 @@
 """Issue 12 item 3: the front half is model-independent. Real `nextflow run -resume` on the demo:
-switching --model reruns only PREPARE_SPECIES, EMBED, MERGE and REPORT; a file added to --model_dir
+switching --model reruns only PREPARE_SPECIES, EMBED, MERGE and what follows it (ATLAS, REPORT,
+MULTIQC); a file added to --model_dir
 reruns nothing (tasks stage explicit files, not the folder)."""
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from nf_utils import MODEL_DIR, assert_ok, ensure_demo, requires_engine, run_pipeline, simple_name
 
 pytestmark = [pytest.mark.nextflow, pytest.mark.slow, requires_engine]
-MODEL_DEPENDENT = {"PREPARE_SPECIES", "EMBED", "MERGE", "REPORT"}
+# ATLAS and MULTIQC: the demo has two datasets (human + mouse); both follow MERGE's new embeddings
+MODEL_DEPENDENT = {"PREPARE_SPECIES", "EMBED", "MERGE", "ATLAS", "REPORT", "MULTIQC"}
 
 
 def trace(out: Path, suffix: str) -> list[dict]:
@@ -71,7 +73,7 @@ def test_switched_model_gives_other_embeddings(runs):
     a = ad.read_h5ad(runs / "pbmc_demo" / "pbmc_demo_uce_adata.h5ad")
     assert a.uns["uce"]["model_file"] == "other_model.torch"
     # the first run's result, in its MERGE task's work dir (the published file is the switched run's)
-    merge = next(r for r in trace(runs, "first") if simple_name(r) == "MERGE")
+    merge = next(r for r in trace(runs, "first") if simple_name(r) == "MERGE" and r["tag"] == "pbmc_demo")
     b = ad.read_h5ad(next(Path(merge["workdir"]).glob("*_uce_adata.h5ad")))
     assert a.n_obs == b.n_obs and not np.allclose(a.obsm["X_uce"], b.obsm["X_uce"])
 
