@@ -245,7 +245,7 @@ workflow UCE {
             .mix(ch_atlas_files.flatMap { files -> files.findAll { f -> f.name.contains('_mqc.') } })
             .collect(sort: { a, b -> a.name <=> b.name })
         ch_multiqc_config = channel.value(file("${projectDir}/assets/multiqc_config.yml", checkIfExists: true))
-        ch_multiqc_extra = channel.value(optionalFile(params.multiqc_config))
+        ch_multiqc_extra = channel.value(params.multiqc_config ? file(params.multiqc_config.toString(), checkIfExists: true) : [])
         ch_multiqc_in = ch_multiqc_files
             .map { files -> [files: files] }
             .combine(ch_collated_versions)
