@@ -10,6 +10,9 @@ to an AnnData-encoded h5ad (CSR float32), so 1M cells never sit in memory.
 
     python bench/make_data.py --model-dir /tmp/bench/g20k/model_files --pbmc assets/demo/pbmc_demo.h5ad \
         --n-cells 200000 --output /tmp/bench/syn_200k.h5ad
+    # 2M cells at copy speed: the 200k cells above repeated (model dir and pbmc are then unused)
+    python bench/make_data.py --model-dir - --pbmc - --n-cells 2000000 --tile-from /tmp/bench/syn_200k.h5ad \
+        --output /tmp/bench/syn_2m.h5ad
 """
 
 from __future__ import annotations
@@ -82,6 +85,57 @@ def make_dataset(model_dir: Path, pbmc: Path, n_cells: int, output: Path, *, n_g
             "density": nnz / n_cells / n_genes, "bytes": output.stat().st_size, "seconds": round(time.time() - t0, 1)}
 
 
+def tile_dataset(src: Path, n_cells: int, output: Path, chunk: int = 20_000) -> dict:
+    """An n_cells file made of `src`'s rows repeated in order, with fresh unique obs names: big
+    files at copy speed (generating 1M cells takes minutes of CPU). Per-cell cost and sparsity are
+    the source's; repeats are >= src rows apart, so they do not help gzip's 32 KB window."""
+    from uce_nf.io import H5Matrix
+    t0 = time.time()
+    with h5py.File(src, "r") as f, atomic_path(output, suffix=".h5ad") as tmp, h5py.File(tmp, "w") as out:
+        X = H5Matrix(f["X"])
+        n_src, n_genes = X.shape
+        out.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        w = CSRWriter(out, "X", n_genes, np.float32, index_dtype=np.int32, compression=None)
+        for s in range(0, n_cells, chunk):
+            lo = s % n_src
+            w.append(X.rows(lo, min(lo + chunk, n_src, lo + n_cells - s)))
+        w.close()
+        for key in ("var", "obsm", "uns", "layers", "varm", "obsp", "varp"):
+            f.copy(f[key], out, key)
+        write_elem(out, "obs", pd.DataFrame(index=pd.Index([f"cell{i}" for i in range(w.n_rows)])))
+    return {"path": str(output), "n_cells": w.n_rows, "tiled_from": str(src), "bytes": output.stat().st_size,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def tile_virtual(src: Path, n_cells: int, output: Path) -> dict:
+    """The same as tile_dataset for an n_cells multiple of src's rows, with no copy: X's data and
+    indices are HDF5 virtual datasets mapping src's arrays repeatedly (indptr and obs are real).
+    Reads cost what they cost on a real file, except that the page cache may hold src."""
+    t0 = time.time()
+    with h5py.File(src, "r") as f, atomic_path(output, suffix=".h5ad") as tmp, h5py.File(tmp, "w") as out:
+        n_src = f["X"].attrs["shape"][0]
+        if n_cells % n_src:
+            raise SystemExit(f"--virtual needs --n-cells a multiple of {n_src}")
+        reps = n_cells // n_src
+        g = out.create_group("X")
+        for k, v in f["X"].attrs.items():
+            g.attrs[k] = v
+        g.attrs["shape"] = (n_cells, f["X"].attrs["shape"][1])
+        nnz = f["X"]["data"].shape[0]
+        for key in ("data", "indices"):
+            layout = h5py.VirtualLayout(shape=(reps * nnz,), dtype=f["X"][key].dtype)
+            vsrc = h5py.VirtualSource(str(Path(src).resolve()), f"X/{key}", shape=(nnz,))
+            for r in range(reps):
+                layout[r * nnz:(r + 1) * nnz] = vsrc
+            g.create_virtual_dataset(key, layout)
+        indptr = f["X"]["indptr"][:].astype(np.int64)
+        g.create_dataset("indptr", data=np.concatenate([indptr[:-1] + r * nnz for r in range(reps)] + [[reps * nnz]]))
+        for key in ("var", "obsm", "uns", "layers", "varm", "obsp", "varp"):
+            f.copy(f[key], out, key)
+        write_elem(out, "obs", pd.DataFrame(index=pd.Index([f"cell{i}" for i in range(n_cells)])))
+    return {"path": str(output), "n_cells": n_cells, "virtual_tiles_of": str(src), "seconds": round(time.time() - t0, 1)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True)
@@ -91,7 +145,13 @@ def main():
     p.add_argument("--keep", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--tile-from", type=Path, help="repeat the rows of this synthetic file instead of generating")
+    p.add_argument("--virtual", action="store_true", help="with --tile-from: map the rows (HDF5 virtual datasets), no copy")
     a = p.parse_args()
+    if a.tile_from and a.virtual:
+        return print(tile_virtual(a.tile_from, a.n_cells, a.output))
+    if a.tile_from:
+        return print(tile_dataset(a.tile_from, a.n_cells, a.output))
     print(make_dataset(a.model_dir, a.pbmc, a.n_cells, a.output, n_genes=a.n_genes, keep=a.keep, seed=a.seed))
 
 

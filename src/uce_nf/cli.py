@@ -129,14 +129,17 @@ def filter_options(fn):
 @filter_options
 @click.option("--output", type=PathOut, required=True, help="Processed h5ad to write.")
 @click.option("--stats", type=PathOut, required=True, help="JSON with cells/genes in, kept and dropped.")
+@click.option("--workers", type=click.IntRange(1), default=1,
+              help="Processes over row ranges (.h5ad input); the output does not depend on it.")
 @handle_errors
-def preprocess_cmd(input_, species_file, filter_, min_cells, min_genes, gene_column, counts_layer, output, stats):
+def preprocess_cmd(input_, species_file, filter_, min_cells, min_genes, gene_column, counts_layer, output, stats,
+                   workers):
     """Filter cells and genes as the reference does, on sparse chunks; keep genes with embeddings."""
     from .preprocess import FilterSettings, preprocess
     from .species import load_vocab
     sf = load_vocab(species_file)
     st = preprocess(input_, sf, FilterSettings(filter_, min_cells, min_genes), output, gene_column=gene_column,
-                    counts_layer=counts_layer)
+                    counts_layer=counts_layer, workers=workers)
     st["species"] = sf["species"]
     write_json(stats, st)
     log.info("kept %d of %d cells and %d of %d genes", st["cells_kept"], st["cells_in"], st["genes_kept"], st["genes_in"])
@@ -340,7 +343,7 @@ def run_cmd(ctx, input_, species, output, **o):
         common = {k: o[k] for k in ("model_dir", "model", "spec_chrom_csv", "offset_pkl", "token_file", "protein_embeddings_dir", "nhead")}
         samp = {k: o[k] for k in ("seed", "compat", "batch_size")}
         ctx.invoke(prepare_species_cmd, species=species, output=sf, chrom_token_offset=o["chrom_token_offset"], **common)
-        ctx.invoke(preprocess_cmd, input_=input_, species_file=sf, output=proc, stats=stats,
+        ctx.invoke(preprocess_cmd, input_=input_, species_file=sf, output=proc, stats=stats, workers=o["workers"] or 1,
                    **{k: o[k] for k in ("filter_", "min_cells", "min_genes", "gene_column", "counts_layer")})
         ctx.invoke(index_cmd, adata=proc, species_file=sf, output=idx)
         ctx.invoke(sentences_cmd, adata=proc, index_path=idx, shard_size=10**12, workers=o["workers"],

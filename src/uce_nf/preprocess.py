@@ -12,10 +12,13 @@ other cell (§15). Counts are found in X, raw or a layer; gene symbols in var_na
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import re
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from .io import CSRWriter, H5Matrix, UserError, atomic_path, open_h5ad
+from .preprocess_shards import (count_range, cpu_seconds, filter_chunk, filter_range, is_counts, nonfinite, ordered_map,
+                                 row_ranges, write_kept_parallel)
 
 try:  # anndata >= 0.11
     from anndata.io import read_elem, write_elem
@@ -45,20 +50,6 @@ class FilterSettings:
     min_cells: int = 10
     min_genes: int = 25
     min_matched_genes: int = 100
-
-
-def is_counts(m) -> bool:
-    d = m.data
-    return d.size == 0 or bool(np.all(d >= 0) and np.all(np.mod(d, 1) == 0))
-
-
-def nonfinite(m) -> tuple[int, int]:
-    """(number of NaN/inf values, row of the first one) in a CSR block; (0, -1) when all are finite."""
-    bad = ~np.isfinite(m.data)
-    n = int(bad.sum())
-    if not n:
-        return 0, -1
-    return n, int(np.searchsorted(m.indptr, np.flatnonzero(bad)[0], side="right") - 1)
 
 
 def cell_label(f, row: int) -> str:
@@ -173,12 +164,15 @@ def gene_symbols(var: pd.DataFrame, path: Path, gene_column: str | None) -> tupl
 
 
 def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, output: Path, *,
-               gene_column: str | None = None, counts_layer: str | None = None, chunk: int = 8192) -> dict:
+               gene_column: str | None = None, counts_layer: str | None = None, chunk: int = 8192,
+               workers: int = 1) -> dict:
     """Write the processed AnnData (CSR counts, reference layout) to `output`; return what was kept.
-    Two streaming passes over the rows: gene counts, then cell filters + writing the kept rows."""
+    Two streaming passes over the rows: gene counts, then cell filters + writing the kept rows.
+    With workers > 1 (an .h5ad input with row access) the passes run over row ranges in worker
+    processes (preprocess_shards.py); the file written holds the same arrays."""
     t0 = time.time()
     input_path = Path(input_path)
-    with open_h5ad(input_path) as f:
+    with open_h5ad(input_path) as f, contextlib.ExitStack() as stack:
         x_key, var_key = find_counts(f, input_path, counts_layer)
         X = H5Matrix(f[x_key])
         var = read_elem(f[var_key])
@@ -186,22 +180,30 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
         n_obs, n_var = X.shape
         if n_obs == 0 or n_var == 0:
             raise UserError(f"{input_path}: the matrix is empty ({n_obs} cells x {n_var} genes)")
+        pool = stack.enter_context(shard_pool(input_path, X, workers, chunk))
+        if pool:
+            ranges = row_ranges(n_obs, workers, chunk)
+            path, window = str(input_path), 2 * workers
 
         # Pass 1: cells expressing each gene (and a full check that every value is a count). Once a
         # NaN/inf is seen the pass only counts them, so the message says how many there are in all.
-        n_cells = np.zeros(n_var, dtype=np.int64)
-        n_nonfinite, first_nonfinite = 0, -1
-        for start, m in X.iter_rows(chunk):
-            n_bad, first = nonfinite(m)
-            if n_bad and not n_nonfinite:
-                first_nonfinite = start + first
-            n_nonfinite += n_bad
-            if n_nonfinite:
-                continue
-            if not is_counts(m):
-                raise UserError(f"{input_path}: {x_key} has negative or non-integer values in cells "
-                                f"{start}-{start + m.shape[0] - 1}; UCE needs raw counts: set counts_layer")
-            n_cells += np.bincount(m.indices[m.data > 0], minlength=n_var)
+        if pool:
+            n_cells, n_nonfinite, first_nonfinite = count_parallel(pool, window, path, x_key, ranges, chunk, n_var,
+                                                                   input_path)
+        else:
+            n_cells = np.zeros(n_var, dtype=np.int64)
+            n_nonfinite, first_nonfinite = 0, -1
+            for start, m in X.iter_rows(chunk):
+                n_bad, first = nonfinite(m)
+                if n_bad and not n_nonfinite:
+                    first_nonfinite = start + first
+                n_nonfinite += n_bad
+                if n_nonfinite:
+                    continue
+                if not is_counts(m):
+                    raise UserError(f"{input_path}: {x_key} has negative or non-integer values in cells "
+                                    f"{start}-{start + m.shape[0] - 1}; UCE needs raw counts: set counts_layer")
+                n_cells += np.bincount(m.indices[m.data > 0], minlength=n_var)
         if n_nonfinite:
             raise UserError(f"{input_path}: {x_key} has {n_nonfinite} NaN/inf values, the first in "
                             f"{cell_label(f, first_nonfinite)}; UCE needs raw counts (finite, non-negative "
@@ -229,25 +231,27 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
         # with zero counts over the embedded genes (the reference would crash on them); kept rows are
         # written as they come.
         gene_ok_idx = np.flatnonzero(gene_ok)
-        n_genes = np.zeros(n_obs, dtype=np.int64)
-        keep = np.zeros(n_obs, dtype=bool)
-        zero = np.zeros(n_obs, dtype=bool)
+        if pool:
+            parts = list(ordered_map(pool, filter_range, [(path, x_key, lo, hi, chunk, gene_ok_idx, genes, settings)
+                                                          for lo, hi in ranges], window))
+            n_genes, keep, zero, row_nnz = (np.concatenate([p[i] for p in parts]) for i in range(4))
+            n_genes = n_genes.astype(np.int64)
+            del parts
+        else:
+            n_genes = np.zeros(n_obs, dtype=np.int64)
+            keep = np.zeros(n_obs, dtype=bool)
+            zero = np.zeros(n_obs, dtype=bool)
         with atomic_path(output, suffix=".h5ad") as tmp, h5py.File(tmp, "w") as out:
             out.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-            writer = CSRWriter(out, "X", len(genes), X.dtype)
-            for start, m in X.iter_rows(chunk):
-                rows = slice(start, start + m.shape[0])
-                n_genes[rows] = np.diff((m[:, gene_ok_idx] > 0).tocsr().indptr)
-                sub = m[:, genes]
-                # float32 -> int64 truncation is what the reference's sampler sees (§4.7)
-                total = np.asarray(sub.astype(np.float32).astype(np.int64).sum(axis=1)).ravel()
-                ok = n_genes[rows] >= settings.min_genes if settings.filter else np.ones(m.shape[0], bool)
-                zero[rows] = ok & (total == 0)
-                keep[rows] = ok & (total > 0)
-                kept = sub[np.flatnonzero(keep[rows])]
-                kept.sort_indices()
-                writer.append(kept)
-            writer.close()
+            if pool:
+                write_kept_parallel(out, pool, window, path, x_key, ranges, chunk, keep, genes, row_nnz, X.dtype)
+            else:
+                writer = CSRWriter(out, "X", len(genes), X.dtype)
+                for start, m in X.iter_rows(chunk):
+                    rows = slice(start, start + m.shape[0])
+                    n_genes[rows], keep[rows], zero[rows], kept = filter_chunk(m, gene_ok_idx, genes, settings)
+                    writer.append(kept)
+                writer.close()
             if not keep.any():
                 few = int((~keep & ~zero).sum())
                 fix = (filter_fix("min_genes") if few else
@@ -277,6 +281,8 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
                 for key, value in (("obs", obs), ("var", var), ("obsm", obsm), ("uns", {}), ("layers", {}),
                                    ("varm", {}), ("obsp", {}), ("varp", {})):
                     write_elem(out, key, value)
+    log.info("preprocess: %d cells in %.1f s; CPU s: main process %.1f, workers %.1f", n_obs, time.time() - t0,
+             *cpu_seconds())
     if zero.any():
         log.warning("%s: dropped %d cells with zero counts over the embedded genes", input_path, int(zero.sum()))
     return {
@@ -289,3 +295,30 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
         "filter": settings.filter, "min_cells": settings.min_cells, "min_genes": settings.min_genes,
         "seconds": round(time.time() - t0, 3),
     }
+
+
+@contextlib.contextmanager
+def shard_pool(input_path: Path, X: H5Matrix, workers: int, chunk: int):
+    """Worker processes for the row-range passes, or None where they cannot help: one worker, a
+    single chunk, a CSC matrix (no row access) or a converted format (read by the parent only).
+    Spawned, not forked: a child forked while the parent holds the HDF5 file open shares its state."""
+    from . import formats
+    if workers < 2 or X.shape[0] <= chunk or X.kind == "csc" or formats.detect(input_path) != formats.H5AD:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def count_parallel(pool, window, path, x_key, ranges, chunk, n_var, input_path) -> tuple[np.ndarray, int, int]:
+    """Pass 1 over row ranges: summed per-gene counts; the sequential pass's errors, in its order."""
+    n_cells, n_bad, first_bad, noncount = np.zeros(n_var, dtype=np.int64), 0, -1, None
+    for p in ordered_map(pool, count_range, [(path, x_key, lo, hi, chunk, n_var) for lo, hi in ranges], window):
+        n_cells += p["n_cells"]
+        n_bad += p["n_bad"]
+        first_bad = p["first_bad"] if first_bad < 0 else first_bad
+        noncount = noncount or p["noncount"]
+    if noncount and (first_bad < 0 or noncount[0] < first_bad):
+        raise UserError(f"{input_path}: {x_key} has negative or non-integer values in cells "
+                        f"{noncount[0]}-{noncount[1]}; UCE needs raw counts: set counts_layer")
+    return n_cells, n_bad, first_bad

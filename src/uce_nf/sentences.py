@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +29,7 @@ import torch
 
 from .io import H5Matrix, Progress, UserError, open_h5ad, save_npz
 from .model_files import CHROM_CLOSE, CLS
+from .preprocess_shards import cpu_seconds, ordered_map
 
 log = logging.getLogger(__name__)
 SAMPLE_SIZE = 1024
@@ -200,28 +202,38 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
         X = H5Matrix(f["X"])
         names = _obs_names(f)
         bounds = shard_bounds(X.shape[0], shard_size, batch_size, compat)
-        pool = ProcessPoolExecutor(workers) if (workers > 1 and not compat) else None
+        # Default mode with workers: each worker reads its own rows from the file and returns its cells'
+        # sentences, so the parent only gathers and writes (no counts pass through it).
+        pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                    initargs=(str(adata_path), index, seed, sample_size))
+                if (workers > 1 and not compat) else None)
         progress = Progress(X.shape[0], "sentences")
         try:
             for k, (lo, hi) in enumerate(bounds):
-                sentences = []
-                for start in range(lo, hi, chunk):
+                tokens, lengths = [], []  # per row block: concatenated sentences, their lengths
+                if pool:
+                    jobs = [(a, min(a + chunk, hi), names[a:min(a + chunk, hi)]) for a in range(lo, hi, chunk)]
+                    for t, n in ordered_map(pool, _worker_rows, jobs, 2 * workers):
+                        tokens.append(t)
+                        lengths.append(n)
+                        progress.update(len(n))
+                for start in range(lo, hi, chunk) if not pool else ():
                     m = _truncated_counts(X.rows(start, min(start + chunk, hi)))
                     if compat:
-                        sentences += [reference_sentence(rs, m.indices[m.indptr[i]:m.indptr[i + 1]],
-                                                         m.data[m.indptr[i]:m.indptr[i + 1]], index, sample_size)
-                                      for i in range(m.shape[0])]
+                        out = [reference_sentence(rs, m.indices[m.indptr[i]:m.indptr[i + 1]],
+                                                  m.data[m.indptr[i]:m.indptr[i + 1]], index, sample_size)
+                               for i in range(m.shape[0])]
                     else:
-                        sentences += _map_context_free(pool, m, names[start:start + m.shape[0]], index, seed,
-                                                       sample_size, workers)
+                        out = _context_free_chunk((m, names[start:start + m.shape[0]], index, seed, sample_size))
+                    tokens.append(np.concatenate(out))
+                    lengths.append(np.array([len(x) for x in out], dtype=np.int64))
                     progress.update(m.shape[0])
-                too_long = [len(s) for s in sentences if len(s) > pad_length]
-                if too_long:
-                    raise ValueError(f"a sentence has {max(too_long)} tokens > pad_length {pad_length}: the cell "
+                lengths = np.concatenate(lengths)
+                if lengths.max() > pad_length:
+                    raise ValueError(f"a sentence has {lengths.max()} tokens > pad_length {pad_length}: the cell "
                                      "spans too many chromosomes/scaffolds")
-                lengths = np.array([len(s) for s in sentences], dtype=np.int64)
                 path = out_dir / f"{name}.shard-{k:05d}.sentences.npz"
-                save_npz(path, tokens=np.concatenate(sentences), offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                save_npz(path, tokens=np.concatenate(tokens), offsets=np.concatenate([[0], np.cumsum(lengths)]),
                          cell_index=np.arange(lo, hi, dtype=np.int64))
                 paths.append(path)
                 log.info("shard %d/%d: cells %d-%d written (%.0f cells/s)", k + 1, len(bounds), lo, hi - 1,
@@ -230,15 +242,24 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
             progress.close()
             if pool:
                 pool.shutdown()
+    log.info("sentences: %d cells in %.1f s; CPU s: main process %.1f, workers %.1f", X.shape[0], time.time() - t0,
+             *cpu_seconds())
     return paths
 
 
-def _map_context_free(pool, m, names, index, seed, sample_size, workers):
-    if pool is None:
-        return _context_free_chunk((m, names, index, seed, sample_size))
-    step = -(-m.shape[0] // (workers * 4))
-    jobs = [(m[i:i + step], names[i:i + step], index, seed, sample_size) for i in range(0, m.shape[0], step)]
-    return [s for part in pool.map(_context_free_chunk, jobs) for s in part]
+_WORKER: dict = {}
+
+
+def _init_worker(adata_path: str, index: dict, seed: int, sample_size: int) -> None:
+    """A spawned worker keeps the index and an open handle on the processed file for all its jobs."""
+    _WORKER.update(X=H5Matrix(open_h5ad(adata_path)["X"]), index=index, seed=seed, sample_size=sample_size)
+
+
+def _worker_rows(lo: int, hi: int, names) -> tuple[np.ndarray, np.ndarray]:
+    """Sentences of rows [lo, hi), as concatenated tokens and lengths (one array each to send back)."""
+    m = _truncated_counts(_WORKER["X"].rows(lo, hi))
+    out = _context_free_chunk((m, names, _WORKER["index"], _WORKER["seed"], _WORKER["sample_size"]))
+    return np.concatenate(out), np.array([len(x) for x in out], dtype=np.int64)
 
 
 def _obs_names(f) -> np.ndarray:

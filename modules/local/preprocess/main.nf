@@ -1,6 +1,7 @@
 // Cell/gene filter of the reference on sparse chunks; keeps genes that have a protein
-// embedding. The input h5ad is only read. One process, streaming: 1.5 GB peak RSS for
-// 1M cells x 20k genes (docs/benchmarks.md), hence process_low.
+// embedding. The input h5ad is only read. Streaming, over row ranges in task.cpus worker
+// processes (same output for any count); 1.5 GB peak RSS for 1M cells x 20k genes in one
+// process (docs/benchmarks.md), hence process_low.
 process PREPROCESS {
     tag "${meta.id}"
     label 'process_low'
@@ -29,6 +30,7 @@ process PREPROCESS {
         ${gene} \\
         ${layer} \\
         ${args} \\
+        --workers ${task.cpus} \\
         --output ${prefix}_proc.h5ad \\
         --stats ${prefix}.preprocess.json
 
