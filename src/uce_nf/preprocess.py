@@ -21,6 +21,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import h5py
@@ -232,7 +233,10 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
         # written as they come.
         gene_ok_idx = np.flatnonzero(gene_ok)
         if pool:
-            parts = list(ordered_map(pool, filter_range, [(path, x_key, lo, hi, chunk, gene_ok_idx, genes, settings)
+            # the settings travel as a plain namespace: unpickling FilterSettings would import this module
+            # (anndata, torch) into every worker
+            fs = SimpleNamespace(filter=settings.filter, min_genes=settings.min_genes)
+            parts = list(ordered_map(pool, filter_range, [(path, x_key, lo, hi, chunk, gene_ok_idx, genes, fs)
                                                           for lo, hi in ranges], window))
             n_genes, keep, zero, row_nnz = (np.concatenate([p[i] for p in parts]) for i in range(4))
             n_genes = n_genes.astype(np.int64)
