@@ -184,7 +184,7 @@ def preprocess(input_path: Path, species_file: dict, settings: FilterSettings, o
         pool = stack.enter_context(shard_pool(input_path, X, workers, chunk))
         if pool:
             ranges = row_ranges(n_obs, workers, chunk)
-            path, window = str(input_path), 2 * workers
+            path, window = str(input_path), workers + 2  # finished ranges waiting in the parent stay few
 
         # Pass 1: cells expressing each gene (and a full check that every value is a count). Once a
         # NaN/inf is seen the pass only counts them, so the message says how many there are in all.
