@@ -104,9 +104,13 @@ def main() -> None:
         args += ["--adata", p, "--sample", f"s{i}", "--species", "human"]
     import os
     load = os.getloadavg()
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     rss, wall = measure([str(x) for x in args], w)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summ = json.loads((w / "atlas" / "atlas_summary.json").read_text())
-    out = {"cells": summ["n_cells"], "dim": a.dim, "samples": a.samples, "peak_rss_mb": round(rss), "wall_s": round(wall, 1),
+    out = {"cells": summ["n_cells"], "dim": a.dim, "samples": a.samples, "peak_rss_mb": round(rss), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
            "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()],
            "generate_s": round(gen, 1), "timings": summ["timings"], "neighbour_graph": summ["neighbour_graph"],
            "umap": summ["umap"], "metrics_cells": summ["metrics_cells"], "metrics": summ["metrics"],

@@ -165,11 +165,10 @@ def build_atlas(adatas, samples, species, output_dir: Path, *, obs_columns=(), r
         timings["copy_x_uce"] = round(time.time() - t0, 3)
 
         t0 = time.time()
-        fit_x = got[np.searchsorted(need, fit_rows)]
-        space = Space(fit_x, st.n_pcs)
+        fit_pos = np.searchsorted(need, fit_rows)
+        space = Space(got, fit_pos, st.n_pcs)
         pc = space.dims is not None
-        fit_p = space(fit_x)
-        del fit_x
+        fit_p = space(got, fit_pos)
         timings["pca"] = round(time.time() - t0, 3)
         log.info("UMAP and Leiden on %d of %d cells", len(fit_rows), n)
         fit_umap, fit_leiden, graph = fit_map(fit_p, st.seed, st.resolution, pc)
@@ -181,7 +180,7 @@ def build_atlas(adatas, samples, species, output_dir: Path, *, obs_columns=(), r
         ref = None
         if references:
             t0 = time.time()
-            ref = Reference(space(got[np.searchsorted(need, ref_rows)]), labels.to_numpy()[ref_rows].astype(str),
+            ref = Reference(space(got, np.searchsorted(need, ref_rows)), labels.to_numpy()[ref_rows].astype(str),
                             st.k, pc)
             lt = {"reference_samples": references, "k": st.k, "label_column": label_column,
                   "reference_cells": int(len(ref_pool)), "reference_cells_used": int(len(ref_rows)),

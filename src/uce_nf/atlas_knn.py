@@ -22,30 +22,43 @@ SIM_BLOCK_BYTES = 128 << 20
 class Space:
     """Where neighbours are searched: X_uce itself (n_pcs 0) or its top PCs from a fit sample."""
 
-    def __init__(self, fit: np.ndarray, n_pcs: int):
+    def __init__(self, x: np.ndarray, rows: np.ndarray, n_pcs: int):
+        """PCA of the rows `rows` of x (the fit sample)."""
         self.mean = self.components = None
         self.variance_ratio = 1.0
-        if n_pcs and n_pcs < fit.shape[1]:
-            self.mean, self.components, self.variance_ratio = _pca(fit, n_pcs)
+        if n_pcs and n_pcs < x.shape[1]:
+            self.mean, self.components, self.variance_ratio = _pca(x, n_pcs, rows)
 
     @property
     def dims(self) -> int | None:
         return None if self.components is None else self.components.shape[1]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+    def __call__(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """x (or its rows `rows`) in the search space, a block at a time: no full-size temporaries."""
+        if rows is None:
+            rows = slice(None)
         if self.components is None:
-            return x
-        return (x - self.mean) @ self.components
+            return np.asarray(x[rows], dtype=np.float32)
+        n = len(x) if isinstance(rows, slice) else len(rows)
+        idx = np.arange(n) if isinstance(rows, slice) else rows
+        out = np.empty((n, self.components.shape[1]), dtype=np.float32)
+        for s in range(0, n, 8192):
+            out[s:s + 8192] = (np.asarray(x[idx[s:s + 8192]], dtype=np.float32) - self.mean) @ self.components
+        return out
 
 
-def _pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Mean, top-k principal axes (float32, deterministic signs) and their share of the variance."""
-    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+def _pca(x: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean, top-k principal axes (float32, deterministic signs) and their share of the variance, of
+    x's rows `rows` (default all)."""
+    rows = np.arange(len(x)) if rows is None else rows
+    step = 16384  # copies of a block only
+    total = np.zeros(x.shape[1], dtype=np.float64)
+    for s in range(0, len(rows), step):
+        total += x[rows[s:s + step]].sum(axis=0, dtype=np.float64)
+    mean = (total / max(len(rows), 1)).astype(np.float32)
     gram = np.zeros((x.shape[1], x.shape[1]), dtype=np.float64)
-    step = 16384  # centred copies of a block only
-    for s in range(0, len(x), step):
-        b = x[s:s + step] - mean
+    for s in range(0, len(rows), step):
+        b = x[rows[s:s + step]] - mean
         gram += (b.T @ b).astype(np.float64)
     w, v = np.linalg.eigh(gram)
     w, v = w[::-1], v[:, ::-1]

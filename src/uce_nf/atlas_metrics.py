@@ -35,6 +35,12 @@ LISI_NEIGHBOURS = 30
 def integration_metrics(x: np.ndarray, batch: np.ndarray | None, labels: np.ndarray | None, k: int) -> dict:
     """x: unit rows (the sample); batch: codes per row (None: one batch); labels: per row, None/NaN = no
     label (None: no label column). Returns {metrics, skipped, seconds}."""
+    import sklearn
+    with sklearn.config_context(working_memory=128):  # MB of distance rows at a time (default 1 GB)
+        return _metrics(x, batch, labels, k)
+
+
+def _metrics(x, batch, labels, k) -> dict:
     from sklearn.metrics import silhouette_samples, silhouette_score
     t0 = time.time()
     metrics, skipped = {}, {}
