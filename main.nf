@@ -41,7 +41,8 @@ workflow {
 
     UCE(
         PIPELINE_INITIALISATION.out.samplesheet,
-        params.input
+        params.input,
+        PIPELINE_INITIALISATION.out.species_sheet
     )
 
     PIPELINE_COMPLETION(params.outdir)

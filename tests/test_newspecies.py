@@ -114,10 +114,13 @@ def test_proteome_drops_stops_and_symbol_less_proteins_and_keeps_colon_symbols(c
     assert (stats["records"], stats["dropped_stop_codon"], stats["dropped_no_gene_symbol"]) == (N_GENES + 7, 2, 1)
     assert stats["gene_embeddings_file"] == chain["genes"].name
     chrom = pd.read_csv(chain["w"] / "prot" / f"{SPECIES}_chrom.csv", dtype={"chromosome": str})
-    assert list(chrom.columns) == ["species", "gene_symbol", "chromosome", "start"] and len(chrom) == N_GENES + 1
+    # the notebook's table: every header with a symbol and a location (GENESTOP's too), the last one wins
+    assert list(chrom.columns) == ["gene_symbol", "chromosome", "start", "species"] and len(chrom) == N_GENES + 2
     row = chrom.set_index("gene_symbol")
-    assert (row.loc["GENE01", "chromosome"], row.loc["GENE01", "start"]) == ("2", 3_000)  # not the 5,000 on chromosome 1
-    assert (row.loc["SI:CH211-12A3.4", "chromosome"], row.loc["SI:CH211-12A3.4", "start"]) == ("5", 8_000)
+    assert (row.loc["GENE01", "chromosome"], row.loc["GENE01", "start"]) == ("2", 3_000)  # GENE01-203, not -201/-202
+    assert (row.loc["SI:CH211-12A3.4", "chromosome"], row.loc["SI:CH211-12A3.4", "start"]) == ("5", 9_000)
+    assert (row.loc["GENE02", "start"], row.loc["GENESTOP", "chromosome"]) == (1_000, "1")
+    assert list(chrom.index) == list(chrom.sort_values(["chromosome", "start"], key=lambda c: c.astype(str)).index)
     # two chunks: a partition of proteins.tsv, balanced by (truncated) residues, FASTA order kept
     parts = [pd.read_csv(c, sep="\t", dtype=str) for c in chain["chunks"]]
     assert sorted(pd.concat(parts)["protein_id"]) == sorted(prot["protein_id"])

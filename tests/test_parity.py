@@ -18,13 +18,13 @@ from reference_oracle import demo_user_argv, model_argv, reference_args, run_ref
 CASES = [(0, 25), (7, 8)]  # (seed, batch_size)
 
 
-def _ours(h5ad, model_dir, tmp, seed, batch_size, shard_size=None, extra=()):
+def _ours(h5ad, model_dir, tmp, seed, batch_size, shard_size=None, extra=(), species="human"):
     """The step commands, as the pipeline chains them; returns (obs names, embeddings, sentences)."""
     from uce_nf.sentences import load_sentences
     d = tmp / f"ours_{seed}_{batch_size}_{shard_size}"
     d.mkdir()
-    sf = d / "human.species.pt"
-    run_uce("prepare-species", "--species", "human", "--model-dir", model_dir, "--output", sf)
+    sf = d / f"{species}.species.pt"
+    run_uce("prepare-species", "--species", species, "--model-dir", model_dir, "--output", sf)
     run_uce("preprocess", "--input", h5ad, "--species-file", sf, "--output", d / "p.h5ad", "--stats", d / "s.json", *extra)
     run_uce("index", "--adata", d / "p.h5ad", "--species-file", sf, "--output", d / "i.npz")
     samp = ["--seed", seed, "--compat", "reference", "--batch-size", batch_size]

@@ -29,6 +29,7 @@ include { MERGE                  } from '../modules/local/merge'
 include { REPORT                 } from '../modules/local/report'
 include { ATLAS                  } from '../modules/local/atlas'
 include { MULTIQC                } from '../modules/local/multiqc'
+include { NEW_SPECIES            } from '../subworkflows/local/new_species'
 include { asBool                 } from '../subworkflows/local/utils_params'
 include { softwareVersionsToYAML; workflowVersionToYAML } from '../subworkflows/local/utils_uce_pipeline'
 
@@ -37,6 +38,7 @@ workflow UCE {
     take:
     ch_samplesheet // channel: [ meta, h5ad ] in samplesheet order
     samplesheet    // string : samplesheet path (unused since VALIDATE runs per dataset; kept for the entry workflow)
+    ch_new_species // channel: [ meta, fasta, protein_embeddings or [] ] (--species_sheet rows)
 
     main:
     ch_versions = channel.empty()
@@ -63,11 +65,28 @@ workflow UCE {
     // checkpoint) changes no task hash. NEW_SPECIES tuples (issue 13) mix into this channel.
     // channel: [ meta (id: species, species: species), spec_chrom_csv, offset_pkl, token_file, protein_embedding_pt ]
     //
+    // New species (--species_sheet): FASTA -> proteins -> ESM2 -> genes -> species files. Special
+    // tokens: rows 0-3 of the model's token file (--token_file or <model_dir>/all_tokens.torch).
+    def esm_model = params.esm_model ? file(params.esm_model.toString(), checkIfExists: true) : []
+    NEW_SPECIES(
+        ch_new_species,
+        ch_checkpoint.map { ckpt -> [esm_model, ckpt] },
+        ch_model_dir.map { dir -> [params.token_file ? file(params.token_file.toString()) : dir.resolve('all_tokens.torch'), model_path ?: dir.resolve(model_name)] }
+    )
+    ch_versions = ch_versions.mix(NEW_SPECIES.out.versions)
+
+    // built-in species from the model files; the species sheet's names excluded (wrapped: combine
+    // would otherwise splice the list into the tuple)
     ch_species_files = ch_samplesheet
         .map { meta, h5ad -> meta.species }
         .unique()
+        .combine(ch_new_species.map { meta, fasta, pe -> meta.species }.toList().map { names -> [names] })
+        .filter { species, new_names -> !(species in new_names) }
+        .map { species, new_names -> species }
         .combine(ch_model_dir)
         .map { species, dir -> speciesFiles(species, dir) }
+        .mix(NEW_SPECIES.out.species_files.map { meta, chrom, offsets, tokens, pe ->
+            [[id: meta.species, species: meta.species, new_species: true], chrom, offsets, tokens, pe] })
 
     //
     // SPECIES_VOCAB once per species (model-independent), then VALIDATE once per dataset against it.

@@ -180,7 +180,8 @@ def existing_output(output: Path, sha: str, ident: dict) -> bool:
 
 
 def esm_embed(proteins: Path, model_dir: Path, output: Path, device: str = "auto", precision: str = "auto",
-              token_budget: int | None = None, checkpoint: Path | None = None) -> dict:
+              token_budget: int | None = None, checkpoint: Path | None = None, gpu_lock_dir: Path | None = None,
+              gpu_wait: float = 0.0) -> dict:
     from .devices import claim_device, pick_device
     ident = model_identity(model_dir)
     check_width(ident["hidden_size"], checkpoint, f"--esm-model {model_dir}")
@@ -191,7 +192,7 @@ def esm_embed(proteins: Path, model_dir: Path, output: Path, device: str = "auto
         return {"kept": True}
     df = read_proteins(proteins)
     if device != "cpu":
-        claim_device()  # one free GPU of this node, before torch touches CUDA
+        claim_device(gpu_lock_dir, wait_s=gpu_wait)  # one free GPU of this node, before torch touches CUDA
     dev = pick_device(device)
     dtype = torch.bfloat16 if (precision == "bf16" or (precision == "auto" and dev.type == "cuda")) else torch.float32
     t0 = time.time()

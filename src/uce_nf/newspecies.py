@@ -115,12 +115,13 @@ def read_chrom_csv(path: Path, species: str) -> pd.DataFrame:
     other = sorted(set(df["species"]) - {species})
     if other:
         raise UserError(f"{path}: rows of other species ({', '.join(other[:3])}); pass the csv of '{species}' only")
-    df = df[["species", "gene_symbol", "chromosome", "start"]].assign(gene_symbol=df["gene_symbol"].str.upper())
+    # the notebook's column order (proteome.py); a hand-made csv with duplicate symbols keeps the first row
+    df = df[["gene_symbol", "chromosome", "start", "species"]].assign(gene_symbol=df["gene_symbol"].str.upper())
     return df[~df["gene_symbol"].duplicated()]
 
 
 def species_files(species: str, taxonomy_id: int, gene_embeddings_path: Path, chrom_csv: Path, special_tokens: Path,
-                  output_dir: Path, checkpoint: Path | None = None) -> dict:
+                  output_dir: Path, checkpoint: Path | None = None, source: str | None = None) -> dict:
     from .esm import check_width
     from .model_files import _load
     from .proteome import check_species_name
@@ -165,7 +166,7 @@ def species_files(species: str, taxonomy_id: int, gene_embeddings_path: Path, ch
     info = {"species": species, "taxonomy_id": int(taxonomy_id), "genes": len(symbols), "chromosomes": n_chrom,
             "chrom_token_offset": offset, "token_rows": int(table.shape[0]), "token_dim": int(width),
             "gene_embeddings": str(gene_embeddings_path), "chrom_csv": str(chrom_csv),
-            "special_tokens": str(special_tokens)}
+            "special_tokens": str(special_tokens), "source": source or f"gene embeddings {gene_embeddings_path.name}"}
     write_json(output_dir / "species_files.json", info)
     return info
 
@@ -196,11 +197,15 @@ def proteome_command(fasta, species, output_dir, chunks):
 @click.option("--token-budget", type=click.IntRange(1026), default=None,
               help="Padded positions per batch (default 32768 on GPU, 4096 on CPU); an OOM halves the batch.")
 @click.option("--checkpoint", type=PathIn, default=None, help="UCE checkpoint whose token_dim the model must match.")
+@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="As `uce embed`: folder shared by the node's GPU tasks, where each claims one free GPU.")
+@click.option("--gpu-wait", type=click.IntRange(0), default=24 * 3600,
+              help="Seconds to wait for a free GPU when every GPU of the node is claimed.")
 @handle_errors
-def esm_embed_command(proteins, esm_model, output, device, precision, token_budget, checkpoint):
+def esm_embed_command(proteins, esm_model, output, device, precision, token_budget, checkpoint, gpu_lock_dir, gpu_wait):
     """Per-protein ESM2 embeddings: mean of the last layer over residues (BOS/EOS out, 1,022 residues)."""
     from .esm import esm_embed
-    esm_embed(proteins, esm_model, output, device, precision, token_budget, checkpoint)
+    esm_embed(proteins, esm_model, output, device, precision, token_budget, checkpoint, gpu_lock_dir, gpu_wait)
 
 
 @click.command(context_settings=CTX)
@@ -222,11 +227,12 @@ def gene_embeddings_command(embeddings, proteins, output):
 @click.option("--special-tokens", type=PathIn, required=True,
               help="all_tokens.torch whose rows 0-3 are the special tokens (the official file; the demo's for the demo).")
 @click.option("--checkpoint", type=PathIn, default=None, help="UCE checkpoint: token_dim checked, linked into --output-dir.")
+@click.option("--source", default=None, help="Where the files came from, recorded in species_files.json (the report shows it).")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @handle_errors
-def species_files_command(species, taxonomy_id, gene_embeddings, chrom_csv, special_tokens, checkpoint, output_dir):
+def species_files_command(species, taxonomy_id, gene_embeddings, chrom_csv, special_tokens, checkpoint, source, output_dir):
     """Token table, offsets and chromosome csv of a new species: a model_files folder for prepare-species."""
-    info = species_files(species, taxonomy_id, gene_embeddings, chrom_csv, special_tokens, output_dir, checkpoint)
+    info = species_files(species, taxonomy_id, gene_embeddings, chrom_csv, special_tokens, output_dir, checkpoint, source)
     log.info("%s: %d genes, %d chromosomes, %d token rows in %s", species, info["genes"], info["chromosomes"],
              info["token_rows"], output_dir)
     click.echo(f"CHROM_TOKEN_OFFSET = {info['chrom_token_offset']}")

@@ -5,13 +5,16 @@ the gene symbol is the `gene_symbol:` field, everything after its first colon (z
 as `si:ch211-1a2.3` contain colons); the location is the `chromosome:` (or `primary_assembly:`, and
 likewise `scaffold:`/`contig:`) field `<system>:<assembly>:<name>:<start>:<end>:<strand>`.
 
+The chromosome table follows the notebook's steps, so that its files and ours are identical: every
+header with a gene symbol and a location counts (also those of sequences with `*`: the notebook reads
+headers only); a gene's chromosome and start are those of its LAST header in the FASTA; symbols are
+upper-cased; rows sorted by (chromosome, start) as strings; columns gene_symbol,chromosome,start,species.
+One deliberate difference: symbols that collide after upper-casing get one row (the last header's),
+not one row each (the reference cannot index duplicate rows: misaligned genes, uce-reference.md §17).
+
 Decisions, where the recipe says nothing:
 - proteins without `gene_symbol:` are dropped (UCE tokens are gene symbols), and so are proteins
   without a location (a gene without a chromosome can never enter a cell sentence); both counted;
-- a gene's chromosome is that of its first protein in the FASTA, its start the smallest start of its
-  proteins on that chromosome (isoforms share a chromosome; PAR genes of X and Y would not);
-- species_chrom.csv holds upper-cased symbols (prepare-species matches upper-cased vocabularies),
-  one row per upper-cased symbol, in first-appearance order;
 - chunks for GPU tasks are balanced by residues (truncated at 1,022, what the model sees), each
   chunk keeping FASTA order.
 """
@@ -74,24 +77,27 @@ def _open_text(path: Path):
     return gzip.open(path, "rt") if gz else open(path, "rt")
 
 
-def read_proteome(fasta: Path) -> tuple[list[Protein], dict]:
-    """Proteins kept, in FASTA order, and counts of what was dropped and why."""
+def read_proteome(fasta: Path) -> tuple[list[Protein], dict, list[tuple[str, str, int]]]:
+    """Proteins kept, in FASTA order; counts of what was dropped and why; (symbol, chromosome, start)
+    of every header that has both, in FASTA order (the notebook's chromosome table reads all headers)."""
     from Bio import SeqIO  # optional dependency, imported only by the commands that need it
     stats = {"records": 0, "dropped_stop_codon": 0, "dropped_no_gene_symbol": 0, "dropped_no_location": 0,
              "dropped_empty": 0, "dropped_duplicate_id": 0}
-    kept, seen = [], set()
+    kept, seen, locations = [], set(), []
     try:
         with _open_text(fasta) as handle:
             for rec in SeqIO.parse(handle, "fasta"):
                 stats["records"] += 1
                 seq = str(rec.seq).upper()
+                symbol, chrom, start = parse_header(rec.description)
+                if symbol is not None and chrom is not None:
+                    locations.append((symbol, chrom, start))
                 if "*" in seq:
                     stats["dropped_stop_codon"] += 1
                     continue
                 if not seq:
                     stats["dropped_empty"] += 1
                     continue
-                symbol, chrom, start = parse_header(rec.description)
                 if symbol is None:
                     stats["dropped_no_gene_symbol"] += 1
                     continue
@@ -116,20 +122,19 @@ def read_proteome(fasta: Path) -> tuple[list[Protein], dict]:
                         f"({stats}); pass an Ensembl peptide FASTA")
     stats["proteins"] = len(kept)
     stats["genes"] = len({p.gene_symbol for p in kept})
-    return kept, stats
+    return kept, stats, locations
 
 
-def gene_locations(proteins: list[Protein], species: str) -> pd.DataFrame:
-    """species,gene_symbol,chromosome,start: one row per upper-cased symbol (rules in the module doc)."""
-    where: dict[str, list] = {}
-    for p in proteins:
-        key = p.gene_symbol.upper()
-        if key not in where:
-            where[key] = [p.chromosome, p.start]
-        elif p.chromosome == where[key][0]:
-            where[key][1] = min(where[key][1], p.start)
-    return pd.DataFrame({"species": species, "gene_symbol": list(where),
-                         "chromosome": [v[0] for v in where.values()], "start": [v[1] for v in where.values()]})
+def gene_locations(locations: list[tuple[str, str, int]], species: str) -> pd.DataFrame:
+    """gene_symbol,chromosome,start,species: the notebook's table (module doc), one row per upper-cased symbol."""
+    where: dict[str, tuple[str, str]] = {}
+    for symbol, chrom, start in locations:
+        where[symbol.upper()] = (chrom, str(start))  # the last header wins; the position stays the first
+    df = pd.DataFrame({"gene_symbol": list(where), "chromosome": [v[0] for v in where.values()],
+                       "start": [v[1] for v in where.values()]})
+    df = df.sort_values(["chromosome", "start"])  # as strings, as the notebook sorts them
+    df["species"] = species
+    return df
 
 
 def write_proteins(proteins: list[Protein], path: Path) -> None:
@@ -171,12 +176,12 @@ def fasta_prefix(fasta: Path) -> str:
 
 def build_proteome(fasta: Path, species: str, output_dir: Path, chunks: int = 1) -> dict:
     check_species_name(species)
-    proteins, stats = read_proteome(fasta)
+    proteins, stats, locations = read_proteome(fasta)
     if chunks > len(proteins):
         raise UserError(f"--chunks {chunks}: more chunks than the {len(proteins)} proteins of {fasta}; pass fewer")
     output_dir.mkdir(parents=True, exist_ok=True)
     write_proteins(proteins, output_dir / "proteins.tsv")
-    locs = gene_locations(proteins, species)
+    locs = gene_locations(locations, species)
     with atomic_path(output_dir / f"{species}_chrom.csv") as tmp:
         locs.to_csv(tmp, index=False)
     files = []

@@ -343,3 +343,23 @@ def _device(p: dict) -> str:
     if not gpus:
         return str(p.get("device", "–"))
     return f"{p.get('device', 'cuda')}: {', '.join(gpus)}" + (f" ({', '.join(devs)})" if devs else "")
+
+
+def species_section(samples: list[Sample]) -> list[str]:
+    """One row per species: its vocabulary, chromosomes, chromosome token offset and where its files came
+    from (built-in model files, or a --species_sheet FASTA with an ESM model or precomputed embeddings)."""
+    rows: dict[str, tuple[dict, list[str]]] = {}
+    for s in samples:
+        info = s.prov.get("species_info") or {}
+        sp = s.prov.get("species") or s.pre.get("species") or "–"
+        rows.setdefault(str(sp), (info, []))[1].append(s.name)
+    out = ["<h2>Species</h2>", '<div class="tablewrap"><table><tr><th class="l">Species</th><th>Genes with<br>embedding'
+           "</th><th>Genes on<br>chromosomes</th><th>Chromosomes</th><th>Chromosome<br>token offset</th>"
+           '<th class="l">Files from</th><th class="l">Samples</th></tr>']
+    for sp, (info, names) in sorted(rows.items()):
+        out.append(f'<tr id="species-{esc(sp)}"><td class="l"><b>{esc(sp)}</b></td>'
+                   f"<td>{fmt_int(info.get('genes_with_embedding'))}</td><td>{fmt_int(info.get('genes_on_chromosomes'))}</td>"
+                   f"<td>{fmt_int(info.get('chromosomes'))}</td><td>{fmt_int(info.get('chrom_token_offset'))}</td>"
+                   f'<td class="l">{esc(info.get("source", "–"))}</td><td class="l">{esc(", ".join(names))}</td></tr>')
+    out.append("</table></div>")
+    return out

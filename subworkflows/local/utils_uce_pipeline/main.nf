@@ -7,6 +7,7 @@
 
 include { paramErrors; schemaParams; asBool; referenceSampleError } from '../utils_params'
 include { parseSamplesheet                    } from '../utils_samplesheet'
+include { parseSpeciesSheet                   } from '../utils_species_sheet'
 
 workflow PIPELINE_INITIALISATION {
 
@@ -27,8 +28,11 @@ workflow PIPELINE_INITIALISATION {
     }
     // Parsed now, while the workflow is built: a bad row fails before any task runs.
     def rows = []
+    def species_rows = []
     try {
         rows = parseSamplesheet(input)
+        species_rows = parseSpeciesSheet(params.species_sheet)
+        checkEsmModel(species_rows)
     } catch (Exception e) {
         removeLaunchFiles(outdir)
         throw e
@@ -43,9 +47,27 @@ workflow PIPELINE_INITIALISATION {
     checkPreviousRun(outdir, rows)
     dumpParametersToJSON(outdir)
     ch_samplesheet = channel.fromList(rows)
+    ch_species_sheet = channel.fromList(species_rows)
 
     emit:
-    samplesheet = ch_samplesheet // channel: [ meta, h5ad ]
+    samplesheet   = ch_samplesheet   // channel: [ meta, h5ad ]
+    species_sheet = ch_species_sheet // channel: [ meta, fasta, protein_embeddings or [] ] (--species_sheet)
+}
+
+// --esm_model: needed (a local Hugging Face EsmModel folder) when a species-sheet row has no
+// protein_embeddings; one line otherwise. A run never downloads a model.
+def checkEsmModel(species_rows) {
+    def need = species_rows.findAll { r -> !r[2] }.collect { r -> r[0].species }
+    if (!need) {
+        return
+    }
+    if (!params.esm_model || params.esm_model instanceof Boolean) {
+        error("Invalid parameter: --esm_model is required: species ${need.join(', ')} of --species_sheet have no protein_embeddings, so their genes are embedded with ESM2; pass --esm_model <local Hugging Face EsmModel folder> (e.g. esm2_t48_15B_UR50D), or give protein_embeddings in the sheet")
+    }
+    def dir = file(params.esm_model.toString())
+    if (dir.toUri().getScheme() == 'file' && !dir.resolve('config.json').exists()) {
+        error("Invalid parameter: --esm_model ${dir}: ${dir.exists() ? 'no config.json in it' : 'not found'}; pass a local Hugging Face EsmModel folder (config.json, weights, vocab.txt)")
+    }
 }
 
 workflow PIPELINE_COMPLETION {
