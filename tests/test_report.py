@@ -360,3 +360,19 @@ def test_atlas_section_without_label_transfer(outputs, tmp_path):
     res = CliRunner().invoke(main, ["report", "--adata", str(outputs["healthy"]), "--atlas-dir", str(tmp_path),
                                     "--output-dir", str(tmp_path / "o")])
     assert res.exit_code == 2 and "atlas_summary.json: not a readable atlas summary" in res.output
+
+
+def test_few_matched_genes_warn(tmp_path):
+    """< 30% of a dataset's genes in its species' vocabulary: a warning in the report (issue 13)."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, DIM))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(40)])
+    few = write_output(tmp_path / "few_uce_adata.h5ad", emb, obs, preprocess_stats(40, 40, 0, 0, genes_with_embedding=300))
+    ok = write_output(tmp_path / "ok_uce_adata.h5ad", emb, obs, preprocess_stats(40, 40, 0, 0, genes_with_embedding=400))
+    res = CliRunner().invoke(main, ["report", "--adata", str(few), "--adata", str(ok), "--output-dir", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    summ = json.loads((tmp_path / "r" / "uce_summary.json").read_text())["samples"]
+    assert any("only 300 of 1200 genes (25%) match the vocabulary of species 'human'" in w for w in summ["few"]["warnings"])
+    assert not any("match the vocabulary" in w for w in summ["ok"]["warnings"])
+    assert "only 300 of 1200 genes" in (tmp_path / "r" / "uce_report.html").read_text()

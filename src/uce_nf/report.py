@@ -68,6 +68,9 @@ DEFAULT_COLLAPSE_THRESHOLD = 0.95
 COSINE_CELLS = 2000
 MAP_CELLS = 20_000
 NORM_TOLERANCE = 1e-3
+# Below this share of a dataset's genes in its species' vocabulary the embedding rests on few genes:
+# how users of new species end up with collapsed embeddings (issue 13; snap-stanford/UCE #64)
+MIN_MATCHED_SHARE = 0.30
 CHUNK_BYTES = 64 << 20
 
 
@@ -244,6 +247,11 @@ def sample_from(info: dict, columns: dict[str, pd.Series], *, threshold: float,
     s = Sample(info["name"], Path(info["file"]), info["n_cells"], info["dim"], prov, qc, kinds, mtime=info["mtime"])
     if not prov:
         s.warnings.append("no uns['uce'] provenance: settings and cell/gene counts unknown")
+    g_in, g_emb = s.pre.get("genes_in"), s.pre.get("genes_with_embedding")
+    if g_in and g_emb is not None and g_emb < MIN_MATCHED_SHARE * g_in:
+        s.warnings.append(f"only {g_emb} of {g_in} genes ({100 * g_emb / g_in:.0f}%) match the vocabulary of species "
+                          f"'{s.pre.get('species') or prov.get('species')}' (< {MIN_MATCHED_SHARE:.0%}): embeddings of "
+                          "few genes tend to collapse; check the species column and that the genes are symbols")
     if qc["collapsed"]:
         s.warnings.append(f"possible collapse: mean pairwise cosine {qc['mean_cosine']:.3f} > {threshold:g} "
                           "(cells look alike to the model)")
