@@ -86,13 +86,19 @@ def simple_name(row: dict) -> str:
     return row["process"].split(":")[-1]
 
 
-def make_fake_inputs(root: Path) -> tuple[Path, Path]:
-    """Empty stand-ins for datasets and model files: enough for -stub-run and input checks.
-    Returns (samplesheet with 3 datasets of 2 species, model_dir)."""
+def fake_model_dir(root: Path) -> Path:
+    """Empty model files in the official layout under root/models: enough for -stub-run."""
     models = root / "models"
     (models / "protein_embeddings").mkdir(parents=True, exist_ok=True)
     for name in ("4layer_model.torch", "species_chrom.csv", "species_offsets.pkl", "all_tokens.torch"):
         (models / name).touch()
+    return models
+
+
+def make_fake_inputs(root: Path) -> tuple[Path, Path]:
+    """Empty stand-ins for datasets and model files: enough for -stub-run and input checks.
+    Returns (samplesheet with 3 datasets of 2 species, model_dir)."""
+    models = fake_model_dir(root)
     data = root / "data"
     data.mkdir(exist_ok=True)
     (data / "a.h5ad").touch()

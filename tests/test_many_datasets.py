@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nf_utils import assert_ok, read_trace, run_pipeline, simple_name
+from nf_utils import assert_ok, fake_model_dir, read_trace, run_pipeline, simple_name
 
 pytestmark = pytest.mark.nextflow
 N = 50
@@ -17,10 +17,7 @@ N = 50
 
 def many_inputs(root: Path, n: int) -> tuple[Path, Path]:
     """n empty datasets (two species, alternating) and empty model files: enough for -stub-run."""
-    models = root / "models"
-    (models / "protein_embeddings").mkdir(parents=True, exist_ok=True)
-    for name in ("4layer_model.torch", "species_chrom.csv", "species_offsets.pkl", "all_tokens.torch"):
-        (models / name).touch()
+    models = fake_model_dir(root)
     data = root / "data"
     data.mkdir(exist_ok=True)
     rows = ["sample,h5ad,species"]
