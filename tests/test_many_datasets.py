@@ -40,7 +40,7 @@ def test_stub_run_of_many_datasets(tmp_path):
     counts = Counter(simple_name(row) for row in rows)
     # the stub SENTENCES writes 2 shards per dataset
     assert counts == {"SPECIES_VOCAB": 2, "VALIDATE": N, "PREPARE_SPECIES": 2, "PREPROCESS": N, "INDEX": N,
-                      "SENTENCES": N, "EMBED": 2 * N, "MERGE": N, "REPORT": 1}, counts
+                      "SENTENCES": N, "EMBED": 2 * N, "MERGE": N, "ATLAS": 1, "REPORT": 1, "MULTIQC": 1}, counts
     assert sorted(row["tag"] for row in rows if simple_name(row) == "VALIDATE") == [f"d{i:04d}" for i in range(N)]
     for i in (0, N - 1):
         assert (out / f"d{i:04d}" / f"d{i:04d}_uce_adata.h5ad").exists()
