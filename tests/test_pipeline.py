@@ -282,6 +282,11 @@ def test_multi_dataset_run(multi_run):
     assert set(lt["queries"]) == {"pbmc_b", "mouse"}
     b = lt["queries"]["pbmc_b"]
     assert b["n_with_truth"] == b["n"] == atlas["samples"]["pbmc_b"]["n_cells"] and 0 <= b["accuracy"] <= 1
+    # the reported accuracy is the one the atlas file's transferred labels give
+    obs = ad.read_h5ad(out / "atlas" / "uce_atlas.h5ad", backed="r").obs
+    q = obs[obs["sample"] == "pbmc_b"]
+    recount = float((q["uce_label_transfer"].astype(str) == q["bulk_labels"].astype(str)).mean())
+    assert abs(recount - b["accuracy"]) < 1e-9, (recount, b["accuracy"])
     assert "accuracy" not in lt["queries"]["mouse"]
 
 
