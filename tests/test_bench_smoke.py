@@ -24,7 +24,9 @@ def test_measure_reports_time_cpu_and_peak_rss(tmp_path):
     r = run_bench.measure([[sys.executable, "-c", code]], tmp_path / "m")[0]
     assert r["cells"] == 3
     assert r["wall_s"] >= 0.3 and r["cpu_s"] > 0.1
-    assert 200 <= r["peak_rss_mb"] < 1000 and r["peak_tree_rss_mb"] >= r["peak_rss_mb"]
+    # no upper bound: wait4's ru_maxrss carries the forking parent's RSS across fork+exec (pytest's,
+    # ~1 GB after the atlas tests), so only the floor is the child's own
+    assert r["peak_rss_mb"] >= 200 and r["peak_tree_rss_mb"] >= 200
     assert "load_before" in r
 
 
