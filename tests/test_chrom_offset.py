@@ -56,6 +56,39 @@ def test_replaced_token_file_offset_inferred_only_where_the_layout_proves_it(mod
     assert offset_of(tmp_path / "y.pt") == 6314
 
 
+def staged_vocab(model_dir: Path, out: Path, token_file: Path, others: bool) -> tuple[int, str]:
+    """`uce species-vocab` as SPECIES_VOCAB calls it: explicit files, no folder; the other species'
+    protein embeddings as --other-protein-embedding (the workflow stages them unless the offset is given)."""
+    pe = {p.name: p for p in (model_dir / "protein_embeddings").glob("*.pt")}
+    from uce_nf.model_files import PROTEIN_EMBEDDING_FILES
+    other_args = [a for sp, name in PROTEIN_EMBEDDING_FILES.items() if sp != "human" and name in pe
+                  for a in ("--other-protein-embedding", f"{sp}={pe[name]}")] if others else []
+    return uce("species-vocab", "--species", "human", "--spec-chrom-csv", model_dir / "species_chrom.csv",
+               "--offset-pkl", model_dir / "species_offsets.pkl", "--token-file", token_file,
+               "--protein-embedding", pe[PROTEIN_EMBEDDING_FILES["human"]], *other_args, "--output", out)
+
+
+def test_pipeline_vocab_proves_the_offset_from_every_species_or_asks_for_it(model_dir, tmp_path):
+    """Human's block is not the last one in the demo's offsets. With every species' file the offset is
+    proven (6304, as from the model folder); with human's file alone it is not, and nothing is assumed:
+    the old pipeline took the last block to end where the chromosome rows begin, which is silently wrong
+    for a token file with more chromosome rows than the csv has categories (the official layout has 1,895)."""
+    assert staged_vocab(model_dir, tmp_path / "a.pt", model_dir / "all_tokens.torch", others=True)[0] == 0
+    assert int(torch.load(tmp_path / "a.pt", weights_only=False)["chrom_token_offset"]) == 6304
+
+    code, out = staged_vocab(model_dir, tmp_path / "b.pt", model_dir / "all_tokens.torch", others=False)
+    assert code == 2 and "--chrom_token_offset is required" in out and "not found" in out, out
+    assert len(out.strip().splitlines()) == 1 and not (tmp_path / "b.pt").exists()
+
+    # 30 extra chromosome rows after the 64 the csv explains: the old inference gave 6334, silently.
+    tokens = torch.load(model_dir / "all_tokens.torch")
+    torch.save(torch.cat([tokens, torch.randn(30, tokens.shape[1])]), tmp_path / "more_chrom.torch")
+    for others in (True, False):
+        code, out = staged_vocab(model_dir, tmp_path / "c.pt", tmp_path / "more_chrom.torch", others=others)
+        assert code == 2 and "--chrom_token_offset is required" in out, out
+        assert ("94 rows, not one per chromosome category (64)" in out) == others, out
+
+
 def test_notebook_layout_one_species_offset_is_four_plus_genes(model_dir, tmp_path):
     """The new-species notebook's files: {species: 4}, rows 0-3 special, the species' genes, then one
     row per chromosome of a csv holding that species only."""

@@ -63,7 +63,7 @@ workflow UCE {
     //
     // Explicit model files per species, never the folder, so a file added to --model_dir (the other
     // checkpoint) changes no task hash. NEW_SPECIES tuples (issue 13) mix into this channel.
-    // channel: [ meta (id: species, species: species), spec_chrom_csv, offset_pkl, token_file, protein_embedding_pt ]
+    // channel: [ meta (id, species, other_species), spec_chrom_csv, offset_pkl, token_file, protein_embedding_pt, other_pts ]
     //
     // New species (--species_sheet): FASTA -> proteins -> ESM2 -> genes -> species files. Special
     // tokens: rows 0-3 of the model's token file (--token_file or <model_dir>/all_tokens.torch).
@@ -86,7 +86,7 @@ workflow UCE {
         .combine(ch_model_dir)
         .map { species, dir -> speciesFiles(species, dir) }
         .mix(NEW_SPECIES.out.species_files.map { meta, chrom, offsets, tokens, pe ->
-            [[id: meta.species, species: meta.species, new_species: true], chrom, offsets, tokens, pe] })
+            [[id: meta.species, species: meta.species, new_species: true, other_species: [:]], chrom, offsets, tokens, pe, []] })
 
     //
     // SPECIES_VOCAB once per species (model-independent), then VALIDATE once per dataset against it.
@@ -296,7 +296,8 @@ def officialProteinEmbeddings() {
     ]
 }
 
-// [ meta, spec_chrom_csv, offset_pkl, token_file, protein_embedding_pt ] of one species: --model_dir's
+// [ meta, spec_chrom_csv, offset_pkl, token_file, protein_embedding_pt, other species' protein_embedding_pts ]
+// of one species (meta.other_species: species -> file name of that list): --model_dir's
 // official layout, or the per-file params. A missing file is one line here, before any task. The
 // protein embeddings are found as the reference finds them (the official names, plus
 // new_species_protein_embeddings.csv); [] for a species without any, which SPECIES_VOCAB reports.
@@ -314,16 +315,22 @@ def speciesFiles(species, dir) {
             names[cols[0].trim()] = cols[1].trim()
         }
     }
+    def found = names.collectEntries { sp, name -> [sp, name.startsWith('/') ? file(name) : pe_dir.resolve(name)] }
     def pe = []
     if (names[species]) {
-        def f = names[species].startsWith('/') ? file(names[species]) : pe_dir.resolve(names[species])
-        if (f.exists()) {
-            pe = f
+        if (found[species].exists()) {
+            pe = found[species]
         } else if (!stub) {
-            error("--model_dir ${dir.toUriString()}: protein embeddings of '${species}' not found (${f.toUriString()}); download the official model files (--download_model_files) or pass --protein_embeddings_dir")
+            error("--model_dir ${dir.toUriString()}: protein embeddings of '${species}' not found (${found[species].toUriString()}); download the official model files (--download_model_files) or pass --protein_embeddings_dir")
         }
     }
-    return [[id: species, species: species], csv, pkl, tokens, pe]
+    // The other species' files prove where the gene blocks of a replaced token file end (only their
+    // sizes are read, and only then). Not staged when --chrom_token_offset states it, nor for a token
+    // file of at least the official 143,574 x 5,120 float32 (the checkpoint's table; the offset is then
+    // the reference default, and a bigger replaced file without the files asks for the offset).
+    def official = tokens.exists() && tokens.size() >= 143574L * 5120L * 4L
+    def others = (params.chrom_token_offset != null || official) ? [:] : found.findAll { sp, f -> sp != species && f.exists() }
+    return [[id: species, species: species, other_species: others.collectEntries { sp, f -> [sp, f.name] }], csv, pkl, tokens, pe, others.values() as List]
 }
 
 // One model file: the per-file param when set, else <model_dir>/<name>; missing is one line, now.

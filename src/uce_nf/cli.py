@@ -39,10 +39,23 @@ def model_file_options(fn):
     return fn
 
 
-def _files(o, protein_embedding=None):
+def _files(o, protein_embedding_files=None):
     from .model_files import ModelFiles
     return ModelFiles(o["model_dir"], o["model"], o["spec_chrom_csv"], o["offset_pkl"], o["token_file"],
-                      o["protein_embeddings_dir"], protein_embedding)
+                      o["protein_embeddings_dir"], protein_embedding_files)
+
+
+def _species_files(pairs: tuple[str, ...]) -> dict[str, Path]:
+    """SPECIES=PATH pairs, one per species."""
+    out = {}
+    for pair in pairs:
+        species, sep, path = pair.partition("=")
+        if not sep or not species or not path:
+            raise UserError(f"--other-protein-embedding {pair}: expected SPECIES=PATH")
+        if not Path(path).is_file():
+            raise UserError(f"--other-protein-embedding {pair}: {path} not found")
+        out[species] = Path(path)
+    return out
 
 
 @click.group(context_settings=CTX)
@@ -64,18 +77,25 @@ CHROM_OFFSET_HELP = ("First token-table row of the chromosome tokens (the refere
 @model_file_options
 @click.option("--protein-embedding", type=PathIn, default=None,
               help="This species' protein embeddings (.pt), instead of looking it up in --protein-embeddings-dir.")
+@click.option("--other-protein-embedding", "other_protein_embeddings", multiple=True, metavar="SPECIES=PATH",
+              help="Another species' protein embeddings (repeatable). Only their sizes are read, and only for a "
+                   "replaced token file: with every species of species_offsets.pkl they prove where the gene "
+                   "blocks end, so the chromosome token offset can be inferred.")
 @click.option("--chrom-token-offset", type=click.IntRange(0), default=None, help=CHROM_OFFSET_HELP)
 @click.option("--record-errors", is_flag=True,
               help="On a problem with the model files write it into the output (exit 0): the pipeline's VALIDATE "
                    "reports it for every dataset of the species.")
 @click.option("--output", type=PathOut, required=True, help="Vocabulary file to write (.vocab.pt).")
 @handle_errors
-def species_vocab_cmd(species, protein_embedding, chrom_token_offset, record_errors, output, **o):
+def species_vocab_cmd(species, protein_embedding, other_protein_embeddings, chrom_token_offset, record_errors,
+                      output, **o):
     """The model-independent half of a species file: symbols, token ids, chromosomes, starts. Reads no checkpoint."""
     from .species import save_species, species_vocab, vocab_error
     try:
-        obj = species_vocab(_files(o, (species, protein_embedding) if protein_embedding else None), species,
-                            chrom_token_offset)
+        pe = _species_files(other_protein_embeddings)
+        if protein_embedding:
+            pe[species] = protein_embedding
+        obj = species_vocab(_files(o, pe or None), species, chrom_token_offset)
     except UserError as e:
         if not record_errors:
             raise

@@ -52,8 +52,8 @@ class ModelFiles:
     offset_pkl: Path | None = None
     token_file: Path | None = None
     protein_embeddings_dir: Path | None = None
-    # (species, file): that one species' protein embeddings, as the pipeline stages them (no folder)
-    protein_embedding: tuple[str, Path] | None = None
+    # {species: file}: protein embeddings as the pipeline stages them (explicit files, no folder)
+    protein_embedding_files: dict[str, Path] | None = None
     paths: dict = field(init=False)
 
     def __post_init__(self):
@@ -63,7 +63,7 @@ class ModelFiles:
             if override:
                 return Path(override)
             if base is None and what == "protein-embeddings-dir":
-                return None  # one species' file given instead (protein_embedding), or none: protein_embedding_file says so
+                return None  # files given one by one instead (protein_embedding_files), or none: protein_embedding_file says so
             if base is None:
                 raise UserError(f"--{what}: not given and no --model-dir; pass --model-dir DIR "
                                 "(the official model_files layout) or the file itself")
@@ -94,8 +94,8 @@ class ModelFiles:
             return {str(k): int(v) for k, v in pickle.load(f).items()}
 
     def protein_embedding_file(self, species: str) -> Path:
-        if self.protein_embedding and self.protein_embedding[0] == species:
-            return Path(self.protein_embedding[1])
+        if self.protein_embedding_files and species in self.protein_embedding_files:
+            return Path(self.protein_embedding_files[species])
         d = self.paths["protein_embeddings_dir"]
         if d is None:
             raise UserError(f"species '{species}': no protein embeddings file found for it; pass --protein_embeddings_dir, "

@@ -143,11 +143,13 @@ def resolve_chrom_token_offset(files: ModelFiles, species: str, n_genes: int, ta
     elif checkpoint_table:
         offset, how = REFERENCE_CHROM_TOKEN_OFFSET, "the reference default for the checkpoint's token table"
     else:
-        gene_end, proof = gene_rows_end(files, species, n_genes, table_rows - n_categories)
+        gene_end, proof = gene_rows_end(files, species, n_genes)
         if gene_end is None or table_rows - gene_end != n_categories:
+            why = proof if gene_end is None else (f"after the gene blocks (row {gene_end}) come {table_rows - gene_end} "
+                                                  f"rows, not one per chromosome category ({n_categories})")
             raise UserError(
                 f"--chrom_token_offset is required for {files.paths['token_file']} ({table_rows} rows, not the "
-                f"official {OFFICIAL_TOKEN_ROWS}): pass the CHROM_TOKEN_OFFSET the token file was built with "
+                f"official {OFFICIAL_TOKEN_ROWS}; {why}): pass the CHROM_TOKEN_OFFSET the token file was built with "
                 "(4 + number of genes for a file made by the UCE new-species notebook)")
         offset, how = gene_end, (f"inferred: {proof} and the remaining {n_categories} rows are one per chromosome "
                                  f"of {files.paths['spec_chrom_csv'].name}")
@@ -170,14 +172,13 @@ def check_chrom_token_offset(offset: int, species: str, offsets: dict[str, int],
                         f"token table has {table_rows} rows; pass the offset the token file was built with")
 
 
-def gene_rows_end(files: ModelFiles, species: str, n_genes: int, chrom_start: int) -> tuple[int | None, str]:
-    """First row after every species' gene block, and how that is known; (None, "") when unproven.
+def gene_rows_end(files: ModelFiles, species: str, n_genes: int) -> tuple[int | None, str]:
+    """First row after every species' gene block, and how that is known; (None, why) when unproven.
 
-    With every species' protein embeddings (a model folder) their sizes prove where the blocks end. The
-    pipeline stages one species' file only: then the end is proven when this species' block is the last
-    one; otherwise the blocks are taken to tile in offset order (as the reference's files do), this
-    species' block is checked to fit its gap, and the last block is taken to end at `chrom_start` (the
-    row after which one row per chromosome category remains), logged as an assumption."""
+    Every species' protein embeddings (a model folder, or each file staged by the pipeline) give the
+    block sizes, hence the end. Without some of them the end is proven only when this species holds the
+    last block (the new-species notebook's single-species layout). Nothing is assumed beyond that: a
+    wrong offset would give every cell wrong chromosome tokens, silently."""
     offsets = files.species_offsets()
     end, unknown = offsets[species] + n_genes, []
     for sp, first in offsets.items():
@@ -190,18 +191,9 @@ def gene_rows_end(files: ModelFiles, species: str, n_genes: int, chrom_start: in
     name = files.paths["offset_pkl"].name
     if not unknown:
         return end, f"the gene blocks of {name} end there"
-    if files.paths["protein_embeddings_dir"] is not None:  # a folder missing a listed species: no proof
-        return None, ""
-    order = sorted(offsets.values())
-    last = max(offsets, key=offsets.get)
-    if last == species:  # every other block starts before this one, which ends at `end`
+    if max(offsets, key=offsets.get) == species:  # every other block starts before this one, which ends at `end`
         return end, f"'{species}' holds the last gene block of {name}, which ends there"
-    gap = next(o for o in order if o > offsets[species])
-    if end > gap or chrom_start <= offsets[last]:
-        return None, ""
-    log.warning("chrom_token_offset: assuming the last gene block of %s ('%s') ends at row %d, where the chromosome "
-                "rows begin; pass --chrom_token_offset to state it", name, last, chrom_start)
-    return chrom_start, f"the gene blocks of {name} tile up to it (the last one, '{last}', assumed to end there)"
+    return None, f"protein embeddings of {', '.join(sorted(unknown))} not found, so where the gene blocks end is unknown"
 
 
 @torch.no_grad()

@@ -10,7 +10,9 @@ process SPECIES_VOCAB {
 
     input:
     // protein_embedding is [] for a species without a known embeddings file (the step says so)
-    tuple val(meta), path(spec_chrom_csv, stageAs: 'model/chrom/*'), path(offset_pkl, stageAs: 'model/offsets/*'), path(token_file, stageAs: 'model/tokens/*'), path(protein_embedding, stageAs: 'model/protein/*')
+    // other_protein_embeddings: the files named in meta.other_species (species -> file name; only their sizes are
+    // read, to prove a replaced token file's chromosome offset); [] when --chrom_token_offset is given
+    tuple val(meta), path(spec_chrom_csv, stageAs: 'model/chrom/*'), path(offset_pkl, stageAs: 'model/offsets/*'), path(token_file, stageAs: 'model/tokens/*'), path(protein_embedding, stageAs: 'model/protein/*'), path(other_protein_embeddings, stageAs: 'model/other_protein/*')
 
     output:
     tuple val(meta), path("*.vocab.pt"), emit: vocab
@@ -20,6 +22,7 @@ process SPECIES_VOCAB {
     def args   = task.ext.args ?: ''
     def prefix = task.ext.prefix ?: "${meta.id}"
     def pe     = protein_embedding ? "--protein-embedding ${protein_embedding}" : ''
+    def others = (meta.other_species ?: [:]).collect { sp, name -> "--other-protein-embedding ${sp}=model/other_protein/${name}" }.join(' ')
     """
     uce-species-vocab \\
         --species ${meta.species} \\
@@ -27,6 +30,7 @@ process SPECIES_VOCAB {
         --offset-pkl ${offset_pkl} \\
         --token-file ${token_file} \\
         ${pe} \\
+        ${others} \\
         --record-errors \\
         ${args} \\
         --output ${prefix}.vocab.pt
