@@ -28,6 +28,11 @@ def offset_of(species_file: Path) -> int:
     return int(torch.load(species_file, weights_only=False)["chrom_token_offset"])
 
 
+def how_of(species_file: Path) -> str:
+    """How the offset was found, as the species file records it for the report."""
+    return torch.load(species_file, weights_only=False)["chrom_token_offset_how"]
+
+
 @pytest.fixture(scope="module")
 def official(model_dir, tmp_path_factory):
     dest = tmp_path_factory.mktemp("official")
@@ -38,11 +43,13 @@ def official(model_dir, tmp_path_factory):
 def test_checkpoint_table_uses_the_reference_default(official, tmp_path):
     run_uce("prepare-species", "--species", "human", "--model-dir", official, "--output", tmp_path / "h.pt")
     assert offset_of(tmp_path / "h.pt") == 143_574
+    assert how_of(tmp_path / "h.pt") == "reference default (the checkpoint's token table)"
 
 
 def test_replaced_token_file_offset_inferred_only_where_the_layout_proves_it(model_dir, tmp_path):
     run_uce("prepare-species", "--species", "human", "--model-dir", model_dir, "--output", tmp_path / "h.pt")
     assert offset_of(tmp_path / "h.pt") == 6304  # 4 special rows + 6,300 gene rows; then 64 chromosome rows
+    assert how_of(tmp_path / "h.pt").startswith("inferred: the gene blocks of species_offsets.pkl end there")
 
     # Ten more rows than the layout explains: the offset can no longer be inferred.
     tokens = torch.load(model_dir / "all_tokens.torch")
@@ -53,7 +60,7 @@ def test_replaced_token_file_offset_inferred_only_where_the_layout_proves_it(mod
     assert not (tmp_path / "x.pt").exists()
     run_uce("prepare-species", "--species", "human", "--model-dir", model_dir, "--token-file", tmp_path / "longer.torch",
             "--chrom-token-offset", 6314, "--output", tmp_path / "y.pt")
-    assert offset_of(tmp_path / "y.pt") == 6314
+    assert offset_of(tmp_path / "y.pt") == 6314 and how_of(tmp_path / "y.pt") == "given"
 
 
 def staged_vocab(model_dir: Path, out: Path, token_file: Path, others: bool) -> tuple[int, str]:

@@ -87,6 +87,26 @@ def test_new_species_files_follow_the_recipe(full_run):
 
 
 @requires_engine
+def test_report_species_section(full_run):
+    """The report's Species section, from MERGE's summaries: human built in; the new species with the
+    sheet's FASTA, ESM model and taxonomy id, and the numbers its species files record."""
+    out, first, _ = full_run
+    assert_ok(first)
+    rows = {r["species"]: r for r in json.loads((out / "report" / "uce_summary.json").read_text())["species"]}
+    assert set(rows) == {"human", SPECIES} and rows["human"]["origin"] == "built-in"
+    fish, info = rows[SPECIES], json.loads((out / "new_species" / SPECIES / "species_files.json").read_text())
+    assert fish["origin"] == "new" and fish["taxonomy_id"] == TAXON
+    assert "Demo_fishus.DemoAsm1.pep.all.fa.gz" in fish["source"] and "esm2_tiny" in fish["source"]
+    assert fish["genes"] == info["genes"] and fish["chrom_token_offset"] == info["chrom_token_offset"] == 4 + info["genes"]
+    assert fish["chrom_token_offset_how"].startswith("inferred: ") and 0 < fish["chromosomes"] <= info["chromosomes"]
+    assert (fish["gene_token_first"], fish["gene_token_last"]) == (4, 3 + info["genes"])
+    assert [d["name"] for d in fish["datasets"]] == ["fish_demo"] and fish["datasets"][0]["share"] > 0
+    html = (out / "report" / "uce_report.html").read_text()
+    assert f'<tr id="species-{SPECIES}">' in html and "taxonomy id 7955" in html
+    assert "uce_species" in (out / "multiqc" / "multiqc_report.html").read_text()
+
+
+@requires_engine
 def test_resume_reruns_nothing(full_run):
     out, _, second = full_run
     assert_ok(second)

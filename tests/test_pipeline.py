@@ -386,6 +386,7 @@ def test_demo_atlas_and_multiqc(compat_run):
     html = (out / "report" / "uce_report.html").read_text()
     assert '<h2 id="atlas">Atlas</h2>' in html and 'id="atlas-holdout"' in html and 'id="atlas-query-mouse_demo"' in html
     assert len(re.findall(r'<img alt="atlas UMAP by', html)) == 4
+    assert '<tr id="species-human">' in html and '<tr id="species-mouse">' in html  # the Species section
     summ = json.loads((out / "report" / "uce_summary.json").read_text())
     assert summ["atlas"]["n_cells"] == atlas.n_obs and set(summ["samples"]) == {"pbmc_demo", "mouse_demo"}
     lt = summ["atlas"]["label_transfer"]
@@ -398,7 +399,7 @@ def test_demo_atlas_and_multiqc(compat_run):
 
     mqc = out / "multiqc" / "multiqc_report.html"
     text = mqc.read_text()
-    for s in ("UCE embeddings", "uce_stats", "atlas_umap_sample", "uce_atlas_metrics_table", "Software Versions", "ATLAS",
+    for s in ("UCE embeddings", "uce_stats", "uce_species", "atlas_umap_sample", "uce_atlas_metrics_table", "Software Versions", "ATLAS",
               "MERGE", "Nextflow"):
         assert s in text, s
     assert (out / "multiqc" / "multiqc_data").is_dir()

@@ -161,6 +161,10 @@ def test_summary_and_multiqc(report):
     assert row["cells_in"] == 640 and row["cells_kept"] == 600 and row["genes_kept"] == 850
     assert 0 <= row["mean_cosine"] < 0.5 and mqc["data"]["collapsed"]["mean_cosine"] > 0.99
     assert set(row) <= set(mqc["headers"])
+    # straight from h5ads there is no species file: its numbers are "not recorded" (test_report_species.py)
+    assert [r["species"] for r in summ["species"]] == ["human"] and not summ["species"][0]["recorded"]
+    assert [d["name"] for d in summ["species"][0]["datasets"]] == ["healthy", "collapsed"]
+    assert json.loads((report / "uce_species_mqc.json").read_text())["data"]["human"]["origin"] == "not recorded"
 
 
 def test_color_by_options(outputs, tmp_path):
@@ -260,7 +264,7 @@ def test_summaries_give_the_same_report(outputs, tmp_path, color_by):
     src.rename(moved)
     via = build_report([], tmp_path / "via", summaries=sums, color_by=color_by)
     assert without_generated(json.dumps(via)) == without_generated(json.dumps(direct))
-    for f in ("uce_report.html", "uce_mqc.json", "uce_summary.json"):
+    for f in ("uce_report.html", "uce_mqc.json", "uce_species_mqc.json", "uce_summary.json"):
         assert without_generated((tmp_path / "via" / f).read_text()) == \
             without_generated((tmp_path / "direct" / f).read_text()), f
     if color_by:

@@ -86,7 +86,7 @@ workflow UCE {
         .combine(ch_model_dir)
         .map { species, dir -> speciesFiles(species, dir) }
         .mix(NEW_SPECIES.out.species_files.map { meta, chrom, offsets, tokens, pe ->
-            [[id: meta.species, species: meta.species, new_species: true, other_species: [:]], chrom, offsets, tokens, pe, []] })
+            [[id: meta.species, species: meta.species, new_species: true, other_species: [:], source: meta.source, taxonomy_id: meta.taxonomy_id], chrom, offsets, tokens, pe, []] })
 
     //
     // SPECIES_VOCAB once per species (model-independent), then VALIDATE once per dataset against it.
@@ -260,7 +260,7 @@ workflow UCE {
     ch_multiqc_report = channel.empty()
     if (!asBool(params.skip_multiqc)) {
         ch_multiqc_files = REPORT.out.mqc
-            .map { meta, f -> f }
+            .flatMap { meta, files -> files instanceof List ? files : [files] }
             .mix(ch_atlas_files.flatMap { files -> files.findAll { f -> f.name.contains('_mqc.') } })
             .collect(sort: { a, b -> a.name <=> b.name })
         ch_multiqc_config = channel.value(file("${projectDir}/assets/multiqc_config.yml", checkIfExists: true))

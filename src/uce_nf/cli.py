@@ -82,20 +82,24 @@ CHROM_OFFSET_HELP = ("First token-table row of the chromosome tokens (the refere
                    "replaced token file: with every species of species_offsets.pkl they prove where the gene "
                    "blocks end, so the chromosome token offset can be inferred.")
 @click.option("--chrom-token-offset", type=click.IntRange(0), default=None, help=CHROM_OFFSET_HELP)
+@click.option("--source", default=None,
+              help="Where a new species' files came from (the pipeline: its species sheet row), recorded for the report.")
+@click.option("--taxonomy-id", type=click.IntRange(1), default=None,
+              help="NCBI taxonomy id of a new species, recorded for the report.")
 @click.option("--record-errors", is_flag=True,
               help="On a problem with the model files write it into the output (exit 0): the pipeline's VALIDATE "
                    "reports it for every dataset of the species.")
 @click.option("--output", type=PathOut, required=True, help="Vocabulary file to write (.vocab.pt).")
 @handle_errors
-def species_vocab_cmd(species, protein_embedding, other_protein_embeddings, chrom_token_offset, record_errors,
-                      output, **o):
+def species_vocab_cmd(species, protein_embedding, other_protein_embeddings, chrom_token_offset, source, taxonomy_id,
+                      record_errors, output, **o):
     """The model-independent half of a species file: symbols, token ids, chromosomes, starts. Reads no checkpoint."""
     from .species import save_species, species_vocab, vocab_error
     try:
         pe = _species_files(other_protein_embeddings)
         if protein_embedding:
             pe[species] = protein_embedding
-        obj = species_vocab(_files(o, pe or None), species, chrom_token_offset)
+        obj = species_vocab(_files(o, pe or None), species, chrom_token_offset, source, taxonomy_id)
     except UserError as e:
         if not record_errors:
             raise
@@ -295,7 +299,8 @@ def output_mode_option(fn):
               help="Result h5ad (<name>_uce_adata.h5ad; <name>_uce.h5ad in embeddings mode, .parquet beside it).")
 @click.option("--summary", type=PathOut, default=None,
               help="Also write the small summary `uce report --summary` reads (<name>.summary.json + .npz): "
-                   "embedding QC numbers and the report map's sampled cells, so REPORT need not stage the h5ad.")
+                   "embedding QC numbers, the report map's sampled cells and the species file's vocabulary, offset "
+                   "and checkpoint, so REPORT need not stage the h5ad or the species file.")
 @handle_errors
 def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, output_mode, input_, output,
               summary=None):
@@ -308,13 +313,16 @@ def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, 
         raise UserError("--output-mode embeddings needs --input, the h5ad that PREPROCESS read (for its obs)")
     shards = open_shards(embeddings)  # small arrays only; the rows are streamed while writing
     st = json.loads(Path(stats).read_text())
-    prov = provenance(load_species(species_file), st, seed, compat, batch_size, [s.meta for s in shards], output_mode)
+    sf = load_species(species_file)
+    prov = provenance(sf, st, seed, compat, batch_size, [s.meta for s in shards], output_mode)
     res = write_merged(adata, shards, prov, output, mode=output_mode, input_h5ad=input_,
                        renamed=int(st.get("duplicate_obs_names", 0)) > 0, expect_cells=st.get("cells_kept"))
     log.info("wrote %s (%d cells, %d embedded)", ", ".join(map(str, res["files"])), res["cells"], res["embedded"])
     if summary is not None:
+        from .report_species import species_block
         from .report_summary import write_summary
-        write_summary(Path(output), Path(summary))  # the report's defaults: seed 0, 20,000 map cells
+        # the report's defaults: seed 0, 20,000 map cells; plus the species file's numbers (no arrays)
+        write_summary(Path(output), Path(summary), species=species_block(sf))
         log.info("wrote %s (+ .npz)", summary)
 
 

@@ -8,10 +8,13 @@ the small summary MERGE wrote of it (report_summary.py), which holds the same nu
 ``--output-dir`` (each file atomically):
 
 ``uce_report.html``   header (pipeline version, run date), per-sample tables of cells and genes
-                      in/kept/dropped, run settings and runtimes, embedding QC (norms, mean
+                      in/kept/dropped, a per-species table (report_species.py: vocabulary,
+                      chromosomes, chromosome token offset, checkpoint, genes matched per dataset),
+                      run settings and runtimes, embedding QC (norms, mean
                       pairwise cosine as a collapse detector) and a 2-D map per sample. Inline
                       CSS and base64 PNGs only: no scripts, no external resources.
-``uce_mqc.json``      MultiQC custom content (``plot_type: table``), found by ``multiqc <outdir>``.
+``uce_mqc.json``      MultiQC custom content (``plot_type: table``), found by ``multiqc <outdir>``;
+``uce_species_mqc.json``  the per-species table, as MultiQC custom content too.
 ``uce_summary.json``  the same numbers, machine-readable.
 
 This module reads and measures (samples, embedding QC, trace) and writes the files; report_html.py
@@ -92,10 +95,17 @@ class Sample:
     png: bytes | None = None
     trace: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    species: dict = field(default_factory=dict)  # the summary's species block (report_species.py), if any
 
     @property
     def pre(self) -> dict:
         return self.prov.get("preprocess", {}) or {}
+
+
+def matched_share(pre: dict) -> float | None:
+    """Share of a dataset's genes that are in its species' vocabulary (None when not recorded)."""
+    g_in, g_emb = pre.get("genes_in"), pre.get("genes_with_embedding")
+    return g_emb / g_in if g_in and g_emb is not None else None
 
 
 def sample_name(path: Path) -> str:
@@ -244,11 +254,13 @@ def sample_from(info: dict, columns: dict[str, pd.Series], *, threshold: float,
     qc = dict(info["qc"])
     qc["collapsed"] = qc["mean_cosine"] is not None and qc["mean_cosine"] > threshold
     prov, kinds = info["provenance"], info["obs_kinds"]
-    s = Sample(info["name"], Path(info["file"]), info["n_cells"], info["dim"], prov, qc, kinds, mtime=info["mtime"])
+    s = Sample(info["name"], Path(info["file"]), info["n_cells"], info["dim"], prov, qc, kinds, mtime=info["mtime"],
+               species=info.get("species") or {})
     if not prov:
         s.warnings.append("no uns['uce'] provenance: settings and cell/gene counts unknown")
-    g_in, g_emb = s.pre.get("genes_in"), s.pre.get("genes_with_embedding")
-    if g_in and g_emb is not None and g_emb < MIN_MATCHED_SHARE * g_in:
+    share = matched_share(s.pre)
+    if share is not None and share < MIN_MATCHED_SHARE:
+        g_in, g_emb = s.pre["genes_in"], s.pre["genes_with_embedding"]
         s.warnings.append(f"only {g_emb} of {g_in} genes ({100 * g_emb / g_in:.0f}%) match the vocabulary of species "
                           f"'{s.pre.get('species') or prov.get('species')}' (< {MIN_MATCHED_SHARE:.0%}): embeddings of "
                           "few genes tend to collapse; check the species column and that the genes are symbols")
@@ -278,7 +290,7 @@ def sample_from(info: dict, columns: dict[str, pd.Series], *, threshold: float,
 # ---------------------------------------------------------------------------------------------
 
 def summary(samples: list[Sample], *, threshold: float, map_method: str, seed: int, trace: dict | None,
-            generated: dt.datetime) -> dict:
+            generated: dt.datetime, species: list[dict]) -> dict:
     return {
         "uce_nf_version": __version__, "generated": generated.isoformat(timespec="seconds"),
         "collapse_threshold": threshold, "map_method": map_method, "seed": seed,
@@ -288,6 +300,7 @@ def summary(samples: list[Sample], *, threshold: float, map_method: str, seed: i
             "preprocess": s.pre, "provenance": {k: v for k, v in s.prov.items() if k != "preprocess"},
             "qc": s.qc, "map": s.map_, "trace": s.trace or None, "warnings": s.warnings,
         } for s in samples},
+        "species": species,
         "trace": trace,
     }
 
@@ -311,6 +324,7 @@ def build_report(adatas: list[Path], output_dir: Path, *, summaries: list[Path] 
     from .report_atlas import read_atlas
     from .report_html import multiqc_content, render_html  # they import this module
     from .report_map import plot_map, project
+    from .report_species import species_multiqc, species_rows
     from .report_summary import read_summary, summarise
     if not adatas and not summaries:
         raise UserError("nothing to report: pass --adata <sample>_uce_adata.h5ad or --summary <sample>.summary.json")
@@ -337,16 +351,18 @@ def build_report(adatas: list[Path], output_dir: Path, *, summaries: list[Path] 
     trace = summarise_tasks(tasks) if tasks is not None else None
     generated = dt.datetime.now(dt.timezone.utc)
     output_dir.mkdir(parents=True, exist_ok=True)
+    species = species_rows(samples)
     summ = summary(samples, threshold=collapse_threshold, map_method=map_method, seed=seed, trace=trace,
-                   generated=generated)
+                   generated=generated, species=species)
     if atlas is not None:
         summ["atlas"] = atlas.summary
     _write_text(output_dir / "uce_summary.json", json.dumps(_plain(summ), indent=2) + "\n")
     _write_text(output_dir / "uce_mqc.json", json.dumps(_plain(multiqc_content(samples, collapse_threshold)), indent=2) + "\n")
+    _write_text(output_dir / "uce_species_mqc.json", json.dumps(_plain(species_multiqc(species)), indent=2) + "\n")
     _write_text(output_dir / "uce_report.html", render_html(samples, threshold=collapse_threshold, map_method=map_method,
                                                            trace=trace, trace_path=trace_path, generated=generated,
-                                                           atlas=atlas))
-    log.info("wrote uce_report.html, uce_mqc.json and uce_summary.json to %s", output_dir)
+                                                           atlas=atlas, species=species))
+    log.info("wrote uce_report.html, uce_mqc.json, uce_species_mqc.json and uce_summary.json to %s", output_dir)
     return summ
 
 

@@ -117,7 +117,7 @@ def _model(p: dict) -> str:
 
 
 def render_html(samples: list[Sample], *, threshold: float, map_method: str, trace: dict | None,
-                trace_path: Path | None, generated: dt.datetime, atlas=None) -> str:
+                trace_path: Path | None, generated: dt.datetime, atlas=None, species: list[dict] = ()) -> str:
     run_dates = [dt.datetime.fromtimestamp(s.mtime, dt.timezone.utc) for s in samples]
     versions = sorted({str(s.prov.get("version")) for s in samples if s.prov.get("version")})
     alerts = [(s.name, w) for s in samples for w in s.warnings]
@@ -173,6 +173,11 @@ def render_html(samples: list[Sample], *, threshold: float, map_method: str, tra
                "out.obsm['X_uce']</code> (NaN rows: cells the filters dropped). With <code>--output_mode "
                "embeddings</code> the rows are the input's already (<code>obs['uce_embedded']</code> marks the "
                "embedded cells).</p>")
+
+    # Per species (report_species.py)
+    if species:
+        from .report_species import render_species
+        out += render_species(species)
 
     # Run settings and runtime
     out.append("<h2>Model, settings and runtime</h2>")
@@ -344,22 +349,3 @@ def _device(p: dict) -> str:
         return str(p.get("device", "–"))
     return f"{p.get('device', 'cuda')}: {', '.join(gpus)}" + (f" ({', '.join(devs)})" if devs else "")
 
-
-def species_section(samples: list[Sample]) -> list[str]:
-    """One row per species: its vocabulary, chromosomes, chromosome token offset and where its files came
-    from (built-in model files, or a --species_sheet FASTA with an ESM model or precomputed embeddings)."""
-    rows: dict[str, tuple[dict, list[str]]] = {}
-    for s in samples:
-        info = s.prov.get("species_info") or {}
-        sp = s.prov.get("species") or s.pre.get("species") or "–"
-        rows.setdefault(str(sp), (info, []))[1].append(s.name)
-    out = ["<h2>Species</h2>", '<div class="tablewrap"><table><tr><th class="l">Species</th><th>Genes with<br>embedding'
-           "</th><th>Genes on<br>chromosomes</th><th>Chromosomes</th><th>Chromosome<br>token offset</th>"
-           '<th class="l">Files from</th><th class="l">Samples</th></tr>']
-    for sp, (info, names) in sorted(rows.items()):
-        out.append(f'<tr id="species-{esc(sp)}"><td class="l"><b>{esc(sp)}</b></td>'
-                   f"<td>{fmt_int(info.get('genes_with_embedding'))}</td><td>{fmt_int(info.get('genes_on_chromosomes'))}</td>"
-                   f"<td>{fmt_int(info.get('chromosomes'))}</td><td>{fmt_int(info.get('chrom_token_offset'))}</td>"
-                   f'<td class="l">{esc(info.get("source", "–"))}</td><td class="l">{esc(", ".join(names))}</td></tr>')
-    out.append("</table></div>")
-    return out

@@ -5,8 +5,12 @@ of a run with hundreds of datasets stages kilobytes to a few megabytes per datas
 embeddings:
 
 ``<id>.summary.json``  name, file, cells, dims, ``uns['uce']`` provenance, the obs column kinds,
-                       and the embedding QC numbers (norms over every cell, mean pairwise cosine
-                       of the seeded cosine sample);
+                       the embedding QC numbers (norms over every cell, mean pairwise cosine of
+                       the seeded cosine sample), and the ``species`` block: scalars of the species
+                       file MERGE read (vocabulary size, chromosomes, chromosome token offset and
+                       how it was found, gene token ids, checkpoint, origin; report_species.py).
+                       Without the block (older summaries, or straight from an h5ad) the report
+                       says "not recorded";
 ``<id>.summary.npz``   for the seeded map sample (up to 20,000 cells): the top 50 principal
                        components of their embeddings and the explained-variance ratios (the PCA
                        map is the first two, the UMAP map is fitted on all 50, as before), and the
@@ -104,10 +108,14 @@ def summarise(path: Path, *, seed: int, map_cells: int) -> tuple[dict, np.ndarra
     return info, pcs, ratio, columns
 
 
-def write_summary(h5ad: Path, json_path: Path, *, seed: int = 0, map_cells: int | None = None) -> Path:
-    """<id>.summary.json + <id>.summary.npz of a final h5ad (written atomically)."""
+def write_summary(h5ad: Path, json_path: Path, *, seed: int = 0, map_cells: int | None = None,
+                  species: dict | None = None) -> Path:
+    """<id>.summary.json + <id>.summary.npz of a final h5ad (written atomically). `species`: the species
+    block (report_species.species_block of the species file MERGE read), kept as is."""
     from .report import MAP_CELLS
     info, pcs, ratio, columns = summarise(Path(h5ad), seed=seed, map_cells=map_cells or MAP_CELLS)
+    if species is not None:
+        info["species"] = species
     arrays = {"pcs": pcs.astype(np.float32), "ratio": np.asarray(ratio, dtype=np.float64)}
     info["columns"] = [_encode(c, s, i, arrays) for i, (c, s) in enumerate(columns.items())]
     info["format"] = FORMAT

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from . import __version__
 from .io import UserError, atomic_path, load_tagged
 from .model_files import (CHROM_CLOSE, CLS, OFFICIAL_TABLE_ROWS, OFFICIAL_TOKEN_ROWS, PAD, REFERENCE_CHROM_TOKEN_OFFSET,
-                          ModelConfig, ModelFiles, _load, chrom_code_dtype, sha256_of, species_vocabulary)
+                          ModelConfig, ModelFiles, PROTEIN_EMBEDDING_FILES, _load, chrom_code_dtype, sha256_of,
+                          species_vocabulary)
 
 log = logging.getLogger(__name__)
 FORMAT = "uce-nf/species/1"
@@ -28,12 +29,14 @@ VOCAB_FORMAT = "uce-nf/species-vocab/1"  # the model-independent half (species_v
 EMBED_MODULES = ("pos_encoder", "transformer_encoder", "decoder", "encoder")  # state-dict prefixes EMBED uses
 
 
-def species_vocab(files: ModelFiles, species: str, chrom_token_offset: int | None = None) -> dict:
+def species_vocab(files: ModelFiles, species: str, chrom_token_offset: int | None = None,
+                  source: str | None = None, taxonomy_id: int | None = None) -> dict:
     """The model-independent half: what PREPROCESS, INDEX and SENTENCES use. Reads no checkpoint, so
     switching checkpoints reuses it. The token table is found from the token file alone: an official-size
     file means the checkpoint's own table, which both official checkpoints have at 145,469 rows (assumed
     here, checked by project_species); any other size means the token file's rows, copied in for the
-    vocabulary only (a replaced token file is not part of any checkpoint)."""
+    vocabulary only (a replaced token file is not part of any checkpoint). `source` and `taxonomy_id`: where
+    a new species' files came from (the pipeline passes its species sheet row), recorded for the report."""
     offsets = files.species_offsets()
     if species not in offsets:
         raise UserError(f"species '{species}' is not in {files.paths['offset_pkl']}; supported: "
@@ -44,7 +47,7 @@ def species_vocab(files: ModelFiles, species: str, chrom_token_offset: int | Non
     rows, width = files.token_table_shape()
     checkpoint_table = rows in (OFFICIAL_TOKEN_ROWS, OFFICIAL_TABLE_ROWS)
     table_rows = OFFICIAL_TABLE_ROWS if checkpoint_table else rows
-    offset = resolve_chrom_token_offset(files, species, len(symbols), table_rows, checkpoint_table, codes[in_csv],
+    offset, how = resolve_chrom_token_offset(files, species, len(symbols), table_rows, checkpoint_table, codes[in_csv],
                                         n_cat, chrom_token_offset)
     chrom_tokens = offset + np.unique(codes[in_csv]).astype(np.int64)
     vocab = np.unique(np.concatenate([[PAD, CHROM_CLOSE, CLS], token_ids[in_csv], chrom_tokens]))
@@ -56,13 +59,26 @@ def species_vocab(files: ModelFiles, species: str, chrom_token_offset: int | Non
         "symbols": symbols, "token_ids": torch.from_numpy(token_ids),
         "chrom_codes": torch.from_numpy(codes.astype(np.int64)), "chrom_code_dtype": str(codes.dtype),
         "starts": torch.from_numpy(starts), "in_chrom_csv": torch.from_numpy(in_csv),
-        "chrom_token_offset": int(offset), "vocab": torch.from_numpy(vocab),
+        "chrom_token_offset": int(offset), "chrom_token_offset_how": how, "vocab": torch.from_numpy(vocab),
+        "origin": species_origin(species, source, taxonomy_id),
         "table": {"source": "checkpoint" if checkpoint_table else "token_file", "rows": int(table_rows),
                   "width": int(width), "file": files.paths["token_file"].name},
     }
     if not checkpoint_table:
         out["token_rows"] = _load(files.paths["token_file"])[torch.from_numpy(vocab)].float().clone()
     return out
+
+
+def species_origin(species: str, source: str | None, taxonomy_id: int | None) -> dict:
+    """Built in (one of UCE's own species) or new, and what is known of a new species' files. Older
+    vocabularies have no 'origin': the report says "not recorded" for them."""
+    new = species not in PROTEIN_EMBEDDING_FILES or source is not None or taxonomy_id is not None
+    origin = {"kind": "new" if new else "built-in"}
+    if source:
+        origin["source"] = str(source)
+    if taxonomy_id is not None:
+        origin["taxonomy_id"] = int(taxonomy_id)
+    return origin
 
 
 def project_species(vocab: dict, sd: dict, checkpoint: Path, nhead: int | None = None) -> dict:
@@ -129,7 +145,7 @@ def species_chromosomes(files: ModelFiles, species: str, symbols: list[str]):
 
 def resolve_chrom_token_offset(files: ModelFiles, species: str, n_genes: int, table_rows: int,
                                checkpoint_table: bool, species_codes: np.ndarray, n_categories: int,
-                               given: int | None) -> int:
+                               given: int | None) -> tuple[int, str]:
     """First table row of the chromosome tokens: chromosome token = category code + offset.
 
     The reference never derives it: CHROM_TOKEN_OFFSET is an argument, 143574 by default (the rows of
@@ -137,11 +153,12 @@ def resolve_chrom_token_offset(files: ModelFiles, species: str, n_genes: int, ta
     users pass 4 + n_genes for their own token file (uce-reference.md §2, §3.3, §3.5). So: the given
     value; else 143574 when the checkpoint's own table is used; else, for a replaced token file, only
     what its layout proves (the gene blocks of species_offsets.pkl, then one row per chromosome
-    category of species_chrom.csv, and nothing else)."""
+    category of species_chrom.csv, and nothing else). Returns the offset and how it was found ("given",
+    "reference default ...", "inferred: <proof>"), which the species file records for the report."""
     if given is not None:
         offset, how = int(given), "given"
     elif checkpoint_table:
-        offset, how = REFERENCE_CHROM_TOKEN_OFFSET, "the reference default for the checkpoint's token table"
+        offset, how = REFERENCE_CHROM_TOKEN_OFFSET, "reference default (the checkpoint's token table)"
     else:
         gene_end, proof = gene_rows_end(files, species, n_genes)
         if gene_end is None or table_rows - gene_end != n_categories:
@@ -155,7 +172,7 @@ def resolve_chrom_token_offset(files: ModelFiles, species: str, n_genes: int, ta
                                  f"of {files.paths['spec_chrom_csv'].name}")
     check_chrom_token_offset(offset, species, files.species_offsets(), n_genes, table_rows, species_codes)
     log.info("chrom_token_offset %d (%s)", offset, how)
-    return offset
+    return offset, how
 
 
 def check_chrom_token_offset(offset: int, species: str, offsets: dict[str, int], n_genes: int, table_rows: int,

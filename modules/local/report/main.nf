@@ -1,8 +1,9 @@
 // One HTML report over all datasets (report/uce_report.html: cell/gene counts, filter
 // statistics, embedding checks, 2-D maps coloured by --color_by, and the atlas section when
-// ATLAS ran), plus MultiQC custom content (uce_mqc.json) and a JSON summary. It reads the small
-// per-sample summaries MERGE writes (<id>.summary.json + .npz), never the final h5ads, so a run
-// of hundreds of datasets stages megabytes here, not the embeddings.
+// ATLAS ran, the species section), plus MultiQC custom content (uce_mqc.json per sample,
+// uce_species_mqc.json per species) and a JSON summary. It reads the small per-sample summaries
+// MERGE writes (<id>.summary.json + .npz, with the species file's numbers), never the final h5ads
+// or species files, so a run of hundreds of datasets stages megabytes here, not the embeddings.
 process REPORT {
     tag "${meta.id}"
     label 'process_single'
@@ -15,7 +16,7 @@ process REPORT {
 
     output:
     tuple val(meta), path('report')                 , emit: report
-    tuple val(meta), path('report/uce_mqc.json')    , emit: mqc
+    tuple val(meta), path('report/*_mqc.json')      , emit: mqc
     path 'versions.yml'                             , emit: versions
 
     script:
@@ -42,6 +43,7 @@ process REPORT {
     mkdir -p report
     touch report/uce_report.html
     echo '{}' > report/uce_mqc.json
+    echo '{}' > report/uce_species_mqc.json
     echo '{}' > report/uce_summary.json
 
     cat <<-END_VERSIONS > versions.yml
