@@ -47,8 +47,8 @@ def species_vocab(files: ModelFiles, species: str, chrom_token_offset: int | Non
     rows, width = files.token_table_shape()
     checkpoint_table = rows in (OFFICIAL_TOKEN_ROWS, OFFICIAL_TABLE_ROWS)
     table_rows = OFFICIAL_TABLE_ROWS if checkpoint_table else rows
-    offset, how = resolve_chrom_token_offset(files, species, len(symbols), table_rows, checkpoint_table, codes[in_csv],
-                                        n_cat, chrom_token_offset)
+    offset, how = resolve_chrom_token_offset(files, species, len(symbols), table_rows, checkpoint_table,
+                                             codes[in_csv], n_cat, chrom_token_offset)
     chrom_tokens = offset + np.unique(codes[in_csv]).astype(np.int64)
     vocab = np.unique(np.concatenate([[PAD, CHROM_CLOSE, CLS], token_ids[in_csv], chrom_tokens]))
     if vocab[-1] >= table_rows:
