@@ -82,10 +82,8 @@ CHROM_OFFSET_HELP = ("First token-table row of the chromosome tokens (the refere
                    "replaced token file: with every species of species_offsets.pkl they prove where the gene "
                    "blocks end, so the chromosome token offset can be inferred.")
 @click.option("--chrom-token-offset", type=click.IntRange(0), default=None, help=CHROM_OFFSET_HELP)
-@click.option("--source", default=None,
-              help="Where a new species' files came from (the pipeline: its species sheet row), recorded for the report.")
-@click.option("--taxonomy-id", type=click.IntRange(1), default=None,
-              help="NCBI taxonomy id of a new species, recorded for the report.")
+@click.option("--source", help="Where a new species' files came from (the pipeline: its species sheet row), for the report.")
+@click.option("--taxonomy-id", type=click.IntRange(1), help="NCBI taxonomy id of a new species, for the report.")
 @click.option("--record-errors", is_flag=True,
               help="On a problem with the model files write it into the output (exit 0): the pipeline's VALIDATE "
                    "reports it for every dataset of the species.")
@@ -320,9 +318,8 @@ def merge_cmd(adata, embeddings, stats, species_file, seed, compat, batch_size, 
     log.info("wrote %s (%d cells, %d embedded)", ", ".join(map(str, res["files"])), res["cells"], res["embedded"])
     if summary is not None:
         from .report_species import species_block
-        from .report_summary import write_summary
-        # the report's defaults: seed 0, 20,000 map cells; plus the species file's numbers (no arrays)
-        write_summary(Path(output), Path(summary), species=species_block(sf))
+        from .report_summary import write_summary  # the report's defaults: seed 0, 20,000 map cells
+        write_summary(Path(output), Path(summary), species=species_block(sf))  # + the species file's scalars
         log.info("wrote %s (+ .npz)", summary)
 
 
