@@ -41,6 +41,8 @@ PARAMS = {
     "type": (["--batch_size", "abc"], "--batch_size expects a whole number, got 'abc'"),
     "enum": (["--compat", "fast"], "--compat must be one of none, reference, got 'fast'"),
     "range": (["--shard_size", "0"], "--shard_size must be >= 1, got 0"),
+    "pack_range": (["--embed_pack_cells", "-1"], "--embed_pack_cells must be >= 0, got -1"),
+    "pack_type": (["--embed_pack_cells", "1e5"], "--embed_pack_cells expects a whole number, got '1e5'"),
     "boolean": (["--filter", "maybe"], "--filter expects true or false"),
     "missing_dir": (["--model_dir", "/nonexistent/model_files"], "--model_dir '/nonexistent/model_files': directory not found"),
     "missing_model": (["--model", "33l_8ep_1024t_1280.torch"], "--model '33l_8ep_1024t_1280.torch': not found in --model_dir"),

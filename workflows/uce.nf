@@ -8,7 +8,8 @@
       dataset + vocab -> VALIDATE (per dataset, cheap; every heavy task waits for all of them)
       vocab + checkpoint -> PREPARE_SPECIES (per species and checkpoint, shared by its datasets)
       dataset + vocab -> PREPROCESS -> INDEX -> SENTENCES -> shard files
-      shard + species file -> EMBED (one task per shard) -> MERGE (per dataset)
+      shard + species file -> EMBED (one task per shard; small datasets' shards packed
+        per species, subworkflows/local/embed_shards) -> MERGE (per dataset)
       all MERGE outputs (samplesheet order) -> ATLAS (>= 2 datasets, --atlas)
       MERGE summaries + ATLAS maps -> REPORT; REPORT + ATLAS + versions -> MULTIQC
 
@@ -24,12 +25,12 @@ include { PREPARE_SPECIES        } from '../modules/local/prepare_species'
 include { PREPROCESS             } from '../modules/local/preprocess'
 include { INDEX                  } from '../modules/local/index'
 include { SENTENCES              } from '../modules/local/sentences'
-include { EMBED                  } from '../modules/local/embed'
 include { MERGE                  } from '../modules/local/merge'
 include { REPORT                 } from '../modules/local/report'
 include { ATLAS                  } from '../modules/local/atlas'
 include { MULTIQC                } from '../modules/local/multiqc'
 include { NEW_SPECIES            } from '../subworkflows/local/new_species'
+include { EMBED_SHARDS           } from '../subworkflows/local/embed_shards'
 include { asBool                 } from '../subworkflows/local/utils_params'
 include { softwareVersionsToYAML; workflowVersionToYAML } from '../subworkflows/local/utils_uce_pipeline'
 
@@ -169,29 +170,11 @@ workflow UCE {
     ch_versions = ch_versions.mix(SENTENCES.out.versions.first())
 
     //
-    // One EMBED task per shard. meta.id names the shard; meta.sample and meta.n_shards
-    // let the embeddings be grouped back per dataset as soon as its last shard is done.
+    // EMBED: one task per shard; small datasets' single shards packed per species (--embed_pack_cells)
     //
-    ch_shards = SENTENCES.out.shards.flatMap { meta, shards ->
-        def files = (shards instanceof List ? shards : [shards]).sort { f -> f.name }
-        files.collect { f ->
-            def shard = f.name.replaceAll(/^.*\.shard-(\d+)\..*$/, '$1')
-            [meta + [id: "${meta.id}.shard-${shard}".toString(), sample: meta.id, shard: shard, n_shards: files.size()], f]
-        }
-    }
-    ch_embed_in = ch_shards
-        .map { meta, shard -> [meta.sample, meta, shard] }
-        .combine(ch_sample_species, by: 0)
-        .map { id, meta, shard, species_file -> [meta, shard, species_file] }
-    EMBED(ch_embed_in)
-    ch_versions = ch_versions.mix(EMBED.out.versions.first())
-
-    // groupKey with the shard count: each dataset's group is released when complete,
-    // without waiting for other datasets. Shards sorted by index: stable MERGE hash.
-    ch_embeddings = EMBED.out.embeddings
-        .map { meta, npz -> [groupKey(meta.sample, meta.n_shards), meta.shard, npz] }
-        .groupTuple()
-        .map { key, shards, files -> [key.toString(), [shards, files].transpose().sort { p -> p[0] }.collect { p -> p[1] }] }
+    EMBED_SHARDS(SENTENCES.out.shards, ch_species_file, ch_samples, params.embed_pack_cells.toString().toLong())
+    ch_versions = ch_versions.mix(EMBED_SHARDS.out.versions)
+    ch_embeddings = EMBED_SHARDS.out.embeddings
 
     //
     // MERGE per dataset, then one REPORT over all datasets.

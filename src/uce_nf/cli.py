@@ -231,7 +231,9 @@ def sentences_cmd(adata, index_path, seed, compat, batch_size, shard_size, worke
 
 
 @main.command("embed", context_settings=CTX)
-@click.option("--sentences", "sentences_path", type=PathIn, required=True, help="One shard from `uce sentences`.")
+@click.option("--sentences", "sentences_paths", type=PathIn, multiple=True, required=True,
+              help="A shard from `uce sentences`; repeat for several (the model is loaded once, each shard "
+                   "embedded as if alone).")
 @click.option("--species-file", type=PathIn, required=True)
 @model_file_options
 @sampling_options
@@ -244,12 +246,16 @@ def sentences_cmd(adata, index_path, seed, compat, batch_size, shard_size, worke
 @click.option("--gpu-wait", type=click.IntRange(0), default=24 * 3600,
               help="Seconds to wait for a free GPU when every GPU of the node is claimed.")
 @click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the model.")
-@click.option("--output", type=PathOut, required=True, help="Embeddings file (.embeddings.npz).")
+@click.option("--output", "outputs", type=PathOut, multiple=True, required=True,
+              help="Embeddings file (.embeddings.npz), one per --sentences, in the same order.")
 @handle_errors
-def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision, device, compile_, output,
+def embed_cmd(sentences_paths, species_file, seed, compat, batch_size, precision, device, compile_, outputs,
               gpu_lock_dir=None, gpu_wait=0, **o):
-    """Run the model over one shard. The species file carries the weights EMBED needs (no token table);
+    """Run the model over shards. The species file carries the weights EMBED needs (no token table);
     with --model-dir or a --model path the checkpoint is used instead, and must be the species file's."""
+    if len(sentences_paths) != len(outputs):
+        raise UserError(f"{len(sentences_paths)} --sentences but {len(outputs)} --output: pass one --output per "
+                        "--sentences, in the same order")
     from .devices import claim_device
     from .embed import EmbedSettings, Embedder
     from .sentences import load_sentences
@@ -267,11 +273,14 @@ def embed_cmd(sentences_path, species_file, seed, compat, batch_size, precision,
     if device != "cpu":
         claim_device(gpu_lock_dir, wait_s=gpu_wait)  # one free GPU of this node; before torch touches CUDA
     emb = Embedder(sd, sf, EmbedSettings(compat == "reference", batch_size, precision, device, compile_), o["nhead"])
-    s = load_sentences(sentences_path)
-    t0 = time.time()
-    out = emb.embed(s)
-    save_npz(output, embeddings=out, cell_index=s["cell_index"], precision=str(emb.dtype).replace("torch.", ""),
-             seconds=time.time() - t0, oom_splits=emb.oom_splits, **emb.device_info())
+    for sentences_path, output in zip(sentences_paths, outputs):
+        s = load_sentences(sentences_path)
+        t0 = time.time()
+        out = emb.embed(s)
+        save_npz(output, embeddings=out, cell_index=s["cell_index"], precision=str(emb.dtype).replace("torch.", ""),
+                 seconds=time.time() - t0, oom_splits=emb.oom_splits, **emb.device_info())
+        if len(outputs) > 1:
+            log.info("wrote %s (%d cells)", output, len(out))
 
 
 OUTPUT_MODES = ("full", "embeddings")
@@ -375,8 +384,8 @@ def run_cmd(ctx, input_, species, output, **o):
                    output_dir=d, name=name, **samp)
         shard = d / f"{name}.shard-00000.sentences.npz"
         emb = d / f"{name}.shard-00000.embeddings.npz"
-        ctx.invoke(embed_cmd, sentences_path=shard, species_file=sf, precision=o["precision"], device=o["device"],
-                   compile_=False, output=emb, **common, **samp)
+        ctx.invoke(embed_cmd, sentences_paths=(shard,), species_file=sf, precision=o["precision"], device=o["device"],
+                   compile_=False, outputs=(emb,), **common, **samp)
         ctx.invoke(merge_cmd, adata=proc, embeddings=(emb,), stats=stats, species_file=sf, output=output,
                    output_mode=o["output_mode"], input_=input_, **samp)
 

@@ -1,4 +1,4 @@
-"""Embedding one shard of sentences with the model (uce-reference.md §7-8).
+"""Embedding shards of sentences with the model (uce-reference.md §7-8), each on its own.
 
 compat (`reference`): consecutive batches of batch_size cells, padded to the batch's longest
 sentence, +1 float pad bias, fp32 — the reference's exact arithmetic layout.
@@ -213,6 +213,11 @@ class Embedder:
 
     @torch.no_grad()
     def embed(self, sentences: dict) -> np.ndarray:
+        # Each shard as in a task of its own (EMBED packs several datasets' shards into one task):
+        # no batch cap or split count carried over, the GPU cache released before its budget is sized.
+        self.max_cells, self.oom_splits = None, 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         n = len(sentences["offsets"]) - 1
         out = np.zeros((n, self.cfg.output_dim), dtype=np.float32)
         batches = self.batches(sentences)

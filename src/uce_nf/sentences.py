@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .io import H5Matrix, Progress, UserError, open_h5ad, save_npz
+from .io import H5Matrix, Progress, UserError, open_h5ad, save_npz, write_json
 from .model_files import CHROM_CLOSE, CLS
 from .preprocess_shards import cpu_seconds, ordered_map
 
@@ -192,7 +192,9 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
                     compat: bool = False, batch_size: int = 25, shard_size: int = 100_000,
                     workers: int = 1, sample_size: int = SAMPLE_SIZE, pad_length: int = PAD_LENGTH,
                     chunk: int = 4096) -> list[Path]:
-    """Stream the processed counts in row chunks and write one sentences file per shard."""
+    """Stream the processed counts in row chunks and write one sentences file per shard, plus
+    <name>.shards.json ({shard file name: cells}): the pipeline packs small datasets' shards into
+    shared EMBED tasks by these counts without opening the shards."""
     t0 = time.time()
     out_dir = Path(out_dir)
     rs = np.random.RandomState(seed) if compat else None
@@ -242,6 +244,7 @@ def write_sentences(adata_path: Path, index: dict, out_dir: Path, name: str, *, 
             progress.close()
             if pool:
                 pool.shutdown()
+    write_json(out_dir / f"{name}.shards.json", {p.name: hi - lo for p, (lo, hi) in zip(paths, bounds)})
     log.info("sentences: %d cells in %.1f s; CPU s: main process %.1f, workers %.1f", X.shape[0], time.time() - t0,
              *cpu_seconds())
     return paths

@@ -1,6 +1,8 @@
-// Transformer forward pass over one shard of sentences (GPU when available, else CPU).
+// Transformer forward pass over one shard of sentences (GPU when available, else CPU), or over a
+// pack of small datasets' shards of one species (meta.shards: one meta per shard, in the order of
+// the sentences files), which then share one start-up: imports, species file, model, CUDA context.
 process EMBED {
-    tag "${meta.id}"
+    tag "${meta.shards ? "${meta.id} (${meta.shards.size()} datasets)" : meta.id}"
     label 'process_gpu'
     // container: process.container (nextflow.config), from params.container_registry/container_image
 
@@ -10,22 +12,24 @@ process EMBED {
     tuple val(meta), path(sentences), path(species_file)
 
     output:
+    // one <shard id>.embeddings.npz per shard, named as an unpacked task names it
     tuple val(meta), path("*.embeddings.npz"), emit: embeddings
     path 'versions.yml'                      , emit: versions
 
     script:
     def args   = task.ext.args ?: ''
-    def prefix = task.ext.prefix ?: "${meta.id}"
+    def files  = sentences instanceof List ? sentences : [sentences]
+    def names  = meta.shards ? meta.shards.collect { m -> m.id } : [task.ext.prefix ?: "${meta.id}"]
+    def shards = [files, names].transpose().collect { p -> "--sentences ${p[0]} --output ${p[1]}.embeddings.npz" }.join(' \\\n        ')
     // CPU threads follow the task's allocation, not the host's core count.
     """
     export OMP_NUM_THREADS=${task.cpus}
     export MKL_NUM_THREADS=${task.cpus}
 
     uce-embed \\
-        --sentences ${sentences} \\
+        ${shards} \\
         --species-file ${species_file} \\
-        ${args} \\
-        --output ${prefix}.embeddings.npz
+        ${args}
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
@@ -36,9 +40,9 @@ process EMBED {
     """
 
     stub:
-    def prefix = task.ext.prefix ?: "${meta.id}"
+    def names = meta.shards ? meta.shards.collect { m -> m.id } : [task.ext.prefix ?: "${meta.id}"]
     """
-    touch ${prefix}.embeddings.npz
+    touch ${names.collect { n -> "${n}.embeddings.npz" }.join(' ')}
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":

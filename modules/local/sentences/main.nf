@@ -1,5 +1,6 @@
 // Seeded cell-sentence sampling for one dataset, written as shards of at most shard_size
-// cells (--shard-size in ext.args). Each shard becomes its own EMBED task.
+// cells (--shard-size in ext.args), with <prefix>.shards.json ({shard file: cells}). Each shard
+// becomes its own EMBED task, or, for a small dataset, part of a pack (--embed_pack_cells).
 process SENTENCES {
     tag "${meta.id}"
     label 'process_medium'
@@ -9,7 +10,7 @@ process SENTENCES {
     tuple val(meta), path(adata), path(index)
 
     output:
-    tuple val(meta), path("sentences/*.sentences.npz"), emit: shards
+    tuple val(meta), path("sentences/*.sentences.npz"), path("sentences/*.shards.json"), emit: shards
     path 'versions.yml'                               , emit: versions
 
     script:
@@ -35,10 +36,14 @@ process SENTENCES {
 
     stub:
     def prefix = task.ext.prefix ?: "${meta.id}"
-    // Two shards, so a stub run exercises the per-shard fan-out and the regrouping.
+    // Two shards of 10 cells, so a stub run exercises the per-shard fan-out and the regrouping;
+    // ext.stub_shards (a test config) sets another count, e.g. 1: a small dataset, packed.
+    def names  = (0..<(task.ext.stub_shards ?: 2)).collect { k -> "${prefix}.shard-${String.format('%05d', k)}.sentences.npz" }
+    def cells  = names.collect { n -> '"' + n + '": 10' }.join(', ')
     """
     mkdir -p sentences
-    touch sentences/${prefix}.shard-00000.sentences.npz sentences/${prefix}.shard-00001.sentences.npz
+    touch ${names.collect { n -> "sentences/${n}" }.join(' ')}
+    echo '{${cells}}' > sentences/${prefix}.shards.json
 
     cat <<-END_VERSIONS > versions.yml
     "${task.process}":
