@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .io import UserError, handle_errors, save_npz, write_json
+from .io import UserError, handle_errors, write_json
 
 log = logging.getLogger("uce_nf")
 CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
@@ -258,7 +257,6 @@ def embed_cmd(sentences_paths, species_file, seed, compat, batch_size, precision
                         "--sentences, in the same order")
     from .devices import claim_device
     from .embed import EmbedSettings, Embedder
-    from .sentences import load_sentences
     from .species import check_species_file_checkpoint, load_species
     sf = load_species(species_file)
     if o["model_dir"] is not None or Path(o["model"]).is_file():
@@ -273,14 +271,7 @@ def embed_cmd(sentences_paths, species_file, seed, compat, batch_size, precision
     if device != "cpu":
         claim_device(gpu_lock_dir, wait_s=gpu_wait)  # one free GPU of this node; before torch touches CUDA
     emb = Embedder(sd, sf, EmbedSettings(compat == "reference", batch_size, precision, device, compile_), o["nhead"])
-    for sentences_path, output in zip(sentences_paths, outputs):
-        s = load_sentences(sentences_path)
-        t0 = time.time()
-        out = emb.embed(s)
-        save_npz(output, embeddings=out, cell_index=s["cell_index"], precision=str(emb.dtype).replace("torch.", ""),
-                 seconds=time.time() - t0, oom_splits=emb.oom_splits, **emb.device_info())
-        if len(outputs) > 1:
-            log.info("wrote %s (%d cells)", output, len(out))
+    emb.embed_files(sentences_paths, outputs)
 
 
 OUTPUT_MODES = ("full", "embeddings")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 
 from .devices import pick_device
-from .io import Progress, UserError
+from .io import Progress, UserError, save_npz
 from .model import UCE
 from .model_files import ModelConfig
+from .sentences import load_sentences
 
 log = logging.getLogger(__name__)
 CPU_TOKEN_BUDGET = 64 * 1100  # ~64 real sentences: large enough for BLAS, small enough for the cache
@@ -235,3 +237,13 @@ class Embedder:
             raise RuntimeError(f"{int((~np.isfinite(out).all(axis=1)).sum())} cells got non-finite embeddings; "
                                "try --precision fp32")
         return out
+
+    def embed_files(self, sentences_paths, outputs) -> None:
+        """One embeddings file per sentences file (a pack of shards shares this model)."""
+        for sentences_path, output in zip(sentences_paths, outputs):
+            s = load_sentences(sentences_path)
+            t0 = time.time()
+            out = self.embed(s)
+            save_npz(output, embeddings=out, cell_index=s["cell_index"], precision=str(self.dtype).replace("torch.", ""),
+                     seconds=time.time() - t0, oom_splits=self.oom_splits, **self.device_info())
+            log.info("wrote %s (%d cells)", output, len(out))
