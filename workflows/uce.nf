@@ -152,7 +152,7 @@ workflow UCE {
     PREPROCESS(ch_preprocess_in)
     ch_versions = ch_versions.mix(PREPROCESS.out.versions.first())
 
-    // by sample id: the vocabulary (INDEX) and the projected species file (EMBED, MERGE)
+    // by sample id: the vocabulary (INDEX) and the projected species file (MERGE)
     ch_sample_vocab = ch_preprocess_in.map { meta, h5ad, vocab -> [meta.id, vocab] }
     ch_sample_species = ch_samples
         .map { meta, h5ad -> [meta.species, meta.id] }
