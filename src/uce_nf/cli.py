@@ -44,19 +44,6 @@ def _files(o, protein_embedding_files=None):
                       o["protein_embeddings_dir"], protein_embedding_files)
 
 
-def _species_files(pairs: tuple[str, ...]) -> dict[str, Path]:
-    """SPECIES=PATH pairs, one per species."""
-    out = {}
-    for pair in pairs:
-        species, sep, path = pair.partition("=")
-        if not sep or not species or not path:
-            raise UserError(f"--other-protein-embedding {pair}: expected SPECIES=PATH")
-        if not Path(path).is_file():
-            raise UserError(f"--other-protein-embedding {pair}: {path} not found")
-        out[species] = Path(path)
-    return out
-
-
 @click.group(context_settings=CTX)
 @click.version_option(__version__, prog_name="uce")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
@@ -93,7 +80,8 @@ def species_vocab_cmd(species, protein_embedding, other_protein_embeddings, chro
     """The model-independent half of a species file: symbols, token ids, chromosomes, starts. Reads no checkpoint."""
     from .species import save_species, species_vocab, vocab_error
     try:
-        pe = _species_files(other_protein_embeddings)
+        from .model_files import species_file_pairs
+        pe = species_file_pairs(other_protein_embeddings, "--other-protein-embedding")
         if protein_embedding:
             pe[species] = protein_embedding
         obj = species_vocab(_files(o, pe or None), species, chrom_token_offset, source, taxonomy_id)

@@ -211,6 +211,19 @@ def species_vocabulary(files: ModelFiles, species: str) -> list[str]:
     return list(dict.fromkeys(str(k).upper() for k in keys))
 
 
+def species_file_pairs(pairs, option: str) -> dict[str, Path]:
+    """SPECIES=PATH command-line pairs as {species: file}; one line for a malformed pair or a missing file."""
+    out = {}
+    for pair in pairs:
+        species, sep, path = pair.partition("=")
+        if not sep or not species or not path:
+            raise UserError(f"{option} {pair}: expected SPECIES=PATH")
+        if not Path(path).is_file():
+            raise UserError(f"{option} {pair}: {path} not found")
+        out[species] = Path(path)
+    return out
+
+
 def chrom_code_dtype(n_categories: int) -> np.dtype:
     """The integer type pandas gives Categorical codes; the reference argsorts codes of this type."""
     for dt in (np.int8, np.int16, np.int32):
