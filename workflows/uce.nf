@@ -213,7 +213,7 @@ workflow UCE {
         // REPORT needs the maps and numbers, not the atlas h5ad
         ch_atlas_files = ATLAS.out.summary
             .join(ATLAS.out.mqc)
-            .map { meta, summary, mqc -> ([summary] + (mqc instanceof List ? mqc : [mqc])).sort { f -> f.name } }
+            .map { meta, summary, mqc -> ([summary] + (mqc instanceof List ? mqc : [mqc])).sort(false) { f -> f.name } }
             .ifEmpty([])
             .first()
     }

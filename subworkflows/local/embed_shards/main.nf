@@ -60,7 +60,7 @@ workflow EMBED_SHARDS {
         .flatMap { meta, npz -> unpackEmbeddings(meta, npz) }
         .map { meta, npz -> [groupKey(meta.sample, meta.n_shards), meta.shard, npz] }
         .groupTuple()
-        .map { key, shards, files -> [key.toString(), [shards, files].transpose().sort { p -> p[0] }.collect { p -> p[1] }] }
+        .map { key, shards, files -> [key.toString(), [shards, files].transpose().sort(false) { p -> p[0] }.collect { p -> p[1] }] }
 
     emit:
     embeddings = ch_embeddings                 // channel: [ sample id, [ embeddings.npz in shard order ] ]
@@ -71,7 +71,7 @@ workflow EMBED_SHARDS {
 // small JSON, not from the shards.
 def shardRows(meta, shards, json) {
     def cells = new groovy.json.JsonSlurper().parseText(json.text)
-    def files = (shards instanceof List ? shards : [shards]).sort { f -> f.name }
+    def files = (shards instanceof List ? shards : [shards]).sort(false) { f -> f.name }
     return files.collect { f ->
         def shard = f.name.replaceAll(/^.*\.shard-(\d+)\..*$/, '$1')
         def shard_meta = meta + [id: "${meta.id}.shard-${shard}".toString(), sample: meta.id, shard: shard, n_shards: files.size()]

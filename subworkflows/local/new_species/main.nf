@@ -34,7 +34,7 @@ workflow NEW_SPECIES {
     ch_chunks = PROTEOME.out.chunks
         .filter { meta, chunks -> !meta.precomputed }
         .flatMap { meta, chunks ->
-            def files = (chunks instanceof List ? chunks : [chunks]).sort { f -> f.name }
+            def files = (chunks instanceof List ? chunks : [chunks]).sort(false) { f -> f.name }
             files.collect { f ->
                 def k = f.name.replaceAll(/^proteins\.chunk-(\d+)\.tsv$/, '$1')
                 [meta + [id: "${meta.id}.chunk-${k}".toString(), chunk: k, n_chunks: files.size()], f]
@@ -47,7 +47,7 @@ workflow NEW_SPECIES {
     ch_species_chunks = ESM_EMBED.out.embeddings
         .map { meta, pt -> [groupKey(meta.species, meta.n_chunks), meta.chunk, pt] }
         .groupTuple()
-        .map { key, ks, pts -> [key.toString(), [ks, pts].transpose().sort { p -> p[0] }.collect { p -> p[1] }] }
+        .map { key, ks, pts -> [key.toString(), [ks, pts].transpose().sort(false) { p -> p[0] }.collect { p -> p[1] }] }
     ch_gene_in = PROTEOME.out.proteins
         .filter { meta, proteins -> !meta.precomputed }
         .map { meta, proteins -> [meta.species, meta, proteins] }

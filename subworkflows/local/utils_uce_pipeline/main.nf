@@ -152,7 +152,7 @@ def checkPreviousRun(outdir, rows) {
     def suffix = params.trace_report_suffix.toString()
     def mine = "_${suffix}."
     def old_files = info.isDirectory() ? info.listFiles().findAll { f -> f.isFile() && !f.name.contains(mine) } : []
-    def old_params = old_files.findAll { f -> f.name ==~ /^params_.+\.json$/ }.sort { f -> f.lastModified() }
+    def old_params = old_files.findAll { f -> f.name ==~ /^params_.+\.json$/ }.sort(false) { f -> f.lastModified() }
     def replaced = []
     rows.collect { r -> r[0].id }.each { id ->
         ["${id}/${id}_uce_adata.h5ad", "${id}/${id}.preprocess.json"].each { rel ->
@@ -218,10 +218,10 @@ def checkPreviousRun(outdir, rows) {
         "This run (${suffix}) replaces: ${replaced ? replaced.join(', ') : 'nothing yet (no results of these samples there)'}."
     ]
     if (kept) {
-        lines << "Kept from the earlier run, not rewritten by this one: ${kept.sort().join(', ')}."
+        lines << "Kept from the earlier run, not rewritten by this one: ${kept.sort(false).join(', ')}."
     }
     if (moved) {
-        lines << "The earlier run's pipeline_info files (${moved.sort().join(', ')}) are moved to pipeline_info/previous_${prev_suffix}/."
+        lines << "The earlier run's pipeline_info files (${moved.sort(false).join(', ')}) are moved to pipeline_info/previous_${prev_suffix}/."
     }
     log.warn(lines.join('\n'))
 }
