@@ -4,7 +4,6 @@ reported. bench/stub_many.py runs the same with 500 datasets and times it."""
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -48,18 +47,3 @@ def test_stub_run_of_many_datasets(tmp_path):
     valid = (out / "pipeline_info" / "samplesheet.valid.csv").read_text().splitlines()
     assert len(valid) == N + 1 and valid[1] == f"d0000,{tmp_path / 'data' / 'd0000.h5ad'},human", valid[:2]
 
-
-def test_no_in_place_sort_in_workflow_code():
-    """Groovy's list.sort {} sorts in place. On a task's output list it races with Nextflow, which
-    still iterates that list to publish it after binding: CI hit ConcurrentModificationException
-    ("Unexpected error while finalizing task 'UCE:SENTENCES'") in the run above. All sorts in the
-    workflow code copy: sort(false)."""
-    root = Path(__file__).resolve().parents[1]
-    bad = []
-    for nf in [root / "main.nf", *root.glob("workflows/**/*.nf"), *root.glob("subworkflows/**/*.nf"),
-               *root.glob("modules/**/*.nf")]:
-        for n, line in enumerate(nf.read_text().splitlines(), 1):
-            code = line.split("//")[0]
-            if re.search(r"\.sort\s*(\{|\(\s*\)|\(\s*\{)", code):
-                bad.append(f"{nf.relative_to(root)}:{n}: {line.strip()}")
-    assert not bad, "in-place sort (use sort(false)):\n" + "\n".join(bad)
