@@ -42,7 +42,7 @@ def main() -> None:
         (a.work / "executor.config").write_text(f"executor {{\n    cpus = {a.executor_cpus}\n}}\n")
         extra = ["-c", str(a.work / "executor.config")]
     if a.small:
-        (a.work / "small.config").write_text("process {\n    withName: 'SENTENCES' {\n        ext.stub_shards = 1\n    }\n}\n")
+        (a.work / "small.config").write_text("process {\n    withName: 'SENTENCES' { ext.stub_shards = 1 }\n}\n")
         extra += ["-c", str(a.work / "small.config")]
     t0 = time.time()
     r = run_pipeline(a.work, *extra, "-stub-run", "--input", str(sheet), "--model_dir", str(models), "--outdir",
@@ -51,9 +51,9 @@ def main() -> None:
     if r.returncode != 0:
         sys.exit(f"nextflow failed ({r.returncode}):\n{r.stdout[-3000:]}")
     rows = read_trace(out, "stub")
-    res = {"datasets": a.datasets, "small": a.small, "executor_cpus": a.executor_cpus, "wall_s": round(wall, 1), "tasks": len(rows),
-           "per_task_s": round(wall / len(rows), 3), "counts": dict(Counter(simple_name(x) for x in rows)),
-           "statuses": dict(Counter(x["status"] for x in rows))}
+    res = {"datasets": a.datasets, "small": a.small, "executor_cpus": a.executor_cpus, "wall_s": round(wall, 1),
+           "tasks": len(rows), "per_task_s": round(wall / len(rows), 3),
+           "counts": dict(Counter(simple_name(x) for x in rows)), "statuses": dict(Counter(x["status"] for x in rows))}
     print(json.dumps(res, indent=1))
 
 

@@ -46,4 +46,3 @@ def test_stub_run_of_many_datasets(tmp_path):
         assert (out / f"d{i:04d}" / f"d{i:04d}_uce_adata.h5ad").exists()
     valid = (out / "pipeline_info" / "samplesheet.valid.csv").read_text().splitlines()
     assert len(valid) == N + 1 and valid[1] == f"d0000,{tmp_path / 'data' / 'd0000.h5ad'},human", valid[:2]
-

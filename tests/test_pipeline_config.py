@@ -91,12 +91,11 @@ def test_no_in_place_sort_in_workflow_code():
     still iterates that list to publish it after binding: CI hit ConcurrentModificationException
     ("Unexpected error while finalizing task 'UCE:SENTENCES'") in test_many_datasets' stub run.
     All sorts in the workflow code copy: sort(false)."""
-    root = REPO
     bad = []
-    for nf in [root / "main.nf", *root.glob("workflows/**/*.nf"), *root.glob("subworkflows/**/*.nf"),
-               *root.glob("modules/**/*.nf")]:
+    for nf in [REPO / "main.nf", *REPO.glob("workflows/**/*.nf"), *REPO.glob("subworkflows/**/*.nf"),
+               *REPO.glob("modules/**/*.nf")]:
         for n, line in enumerate(nf.read_text().splitlines(), 1):
             code = line.split("//")[0]
             if re.search(r"\.sort\s*(\{|\(\s*\)|\(\s*\{)", code):
-                bad.append(f"{nf.relative_to(root)}:{n}: {line.strip()}")
+                bad.append(f"{nf.relative_to(REPO)}:{n}: {line.strip()}")
     assert not bad, "in-place sort (use sort(false)):\n" + "\n".join(bad)

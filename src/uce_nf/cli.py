@@ -78,9 +78,9 @@ CHROM_OFFSET_HELP = ("First token-table row of the chromosome tokens (the refere
 def species_vocab_cmd(species, protein_embedding, other_protein_embeddings, chrom_token_offset, source, taxonomy_id,
                       record_errors, output, **o):
     """The model-independent half of a species file: symbols, token ids, chromosomes, starts. Reads no checkpoint."""
+    from .model_files import species_file_pairs
     from .species import save_species, species_vocab, vocab_error
     try:
-        from .model_files import species_file_pairs
         pe = species_file_pairs(other_protein_embeddings, "--other-protein-embedding")
         if protein_embedding:
             pe[species] = protein_embedding
